@@ -1,0 +1,463 @@
+//! Validation and compilation: [`FileConfig`] → [`Snapshot`]. Every check
+//! records `(key path, message)` and goes on, so one run reports every error;
+//! `config::load` turns key paths into lines.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use regex::Regex;
+
+use super::file::{FileConfig, ListenCfg, RouteCfg, Scalar, TimeoutsCfg, UpstreamCfg};
+use super::snapshot::{AccessLogTarget, Action, Limits, Listener, Route, Snapshot};
+use super::units;
+use crate::phase::variable::Variable;
+use crate::route::{HeaderMatch, HostPattern, PathMatch, RouteMatch, RouteTable};
+use crate::upstream::balancer::{Balancer, Peer, Policy};
+use crate::upstream::{peer_stats, Keepalive, Protocol, Timeouts, Upstream};
+
+/// Errors as (key path, message).
+pub type Errors = Vec<(String, String)>;
+
+const DEFAULT_TIMEOUTS: Timeouts =
+    Timeouts { connect: Duration::from_secs(5), send: Duration::from_secs(60), read: Duration::from_secs(60) };
+
+pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Errors> {
+    let mut c = Compiler {
+        errors: Vec::new(),
+        dir: source.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        files: Vec::new(),
+    };
+
+    let workers = match &cfg.workers {
+        None => default_workers(),
+        Some(Scalar::Str(s)) if s == "auto" => default_workers(),
+        Some(Scalar::Int(n)) if *n >= 1 && *n <= 1024 => *n as usize,
+        Some(_) => {
+            c.err("workers", "must be `auto` or a number from 1 to 1024");
+            1
+        }
+    };
+    let error_level = match cfg.error_log.level.as_deref().unwrap_or("info") {
+        "trace" => tracing::Level::TRACE,
+        "debug" => tracing::Level::DEBUG,
+        "info" => tracing::Level::INFO,
+        "warn" => tracing::Level::WARN,
+        "error" => tracing::Level::ERROR,
+        other => {
+            c.err("error_log.level", format!("unknown level {other:?} (trace, debug, info, warn, error)"));
+            tracing::Level::INFO
+        }
+    };
+    let access_log = match cfg.access_log.path.as_deref() {
+        None | Some("stdout") => AccessLogTarget::Stdout,
+        Some("stderr") => AccessLogTarget::Stderr,
+        Some("off") => AccessLogTarget::Off,
+        Some(p) => AccessLogTarget::File(c.path(p)),
+    };
+    let shutdown_grace = c.duration("shutdown.grace", cfg.shutdown.grace.as_deref(), Duration::from_secs(30));
+    let trusted_proxies = cfg
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let parsed = s.parse::<ipnet::IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            parsed
+                .map_err(|_| c.err(format!("trusted_proxies[{i}]"), format!("{s:?} is not an IP address or CIDR")))
+                .ok()
+        })
+        .collect();
+    let limits = Limits {
+        max_header_size: c.size("limits.max_header_size", cfg.limits.max_header_size.as_ref(), 16 << 10) as usize,
+        client_max_body_size: c.size("limits.client_max_body_size", cfg.limits.client_max_body_size.as_ref(), 1 << 20),
+        header_read_timeout: c.duration(
+            "limits.header_read_timeout",
+            cfg.limits.header_read_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
+    };
+    if limits.max_header_size < 8192 {
+        c.err("limits.max_header_size", "must be at least 8k (hyper reads request heads in 8k buffers)");
+    }
+    let defaults = c.timeouts("timeouts", &cfg.timeouts, DEFAULT_TIMEOUTS);
+
+    let listeners = c.listeners(&cfg.listen);
+    let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    let upstreams: HashMap<String, Arc<Upstream>> = cfg
+        .upstreams
+        .iter()
+        .filter_map(|(name, u)| c.upstream(name, u, defaults).map(|u| (name.clone(), Arc::new(u))))
+        .collect();
+    let mut routes = Vec::new();
+    let mut matchers = Vec::new();
+    for (i, r) in cfg.routes.iter().enumerate() {
+        if let Some((route, matcher)) = c.route(i, r, &upstreams, &listener_names, &cfg, limits.client_max_body_size) {
+            routes.push(Arc::new(route));
+            matchers.push(matcher);
+        }
+    }
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    Ok(Snapshot {
+        generation: 0,
+        source: source.to_path_buf(),
+        workers,
+        pid_file: cfg.pid_file.as_deref().map(|p| c.path(p)),
+        error_level,
+        access_log,
+        shutdown_grace,
+        trusted_proxies,
+        limits,
+        listeners,
+        routes,
+        table: RouteTable::new(matchers),
+        upstreams,
+        files: c.files,
+    })
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+struct Compiler {
+    errors: Errors,
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Compiler {
+    fn err(&mut self, key: impl Into<String>, msg: impl Into<String>) {
+        self.errors.push((key.into(), msg.into()));
+    }
+
+    /// Relative paths are relative to the config file's directory.
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    fn duration(&mut self, key: &str, v: Option<&str>, default: Duration) -> Duration {
+        match v.map(units::duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.err(key, e);
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, key: &str, v: Option<&Scalar>, default: u64) -> u64 {
+        match v.map(units::size) {
+            None => default,
+            Some(Ok(n)) => n,
+            Some(Err(e)) => {
+                self.err(key, e);
+                default
+            }
+        }
+    }
+
+    fn timeouts(&mut self, key: &str, t: &TimeoutsCfg, base: Timeouts) -> Timeouts {
+        Timeouts {
+            connect: self.duration(&format!("{key}.connect"), t.connect.as_deref(), base.connect),
+            send: self.duration(&format!("{key}.send"), t.send.as_deref(), base.send),
+            read: self.duration(&format!("{key}.read"), t.read.as_deref(), base.read),
+        }
+    }
+
+    fn listeners(&mut self, cfg: &[ListenCfg]) -> Vec<Arc<Listener>> {
+        if cfg.is_empty() {
+            self.err("listen", "at least one listener is required");
+        }
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, l) in cfg.iter().enumerate() {
+            let key = format!("listen[{i}]");
+            let Ok(addr) = l.addr.parse::<SocketAddr>() else {
+                self.err(format!("{key}.addr"), format!("{:?} is not an IP:port address", l.addr));
+                continue;
+            };
+            if !seen.insert(addr) {
+                self.err(format!("{key}.addr"), format!("{addr} is listed twice"));
+            }
+            let (mut http1, mut h2c) = (true, true);
+            if let Some(protocols) = &l.protocols {
+                http1 = false;
+                h2c = false;
+                for (j, p) in protocols.iter().enumerate() {
+                    match p.as_str() {
+                        "http1" => http1 = true,
+                        "h2c" | "h2" | "http2" => h2c = true,
+                        other => self
+                            .err(format!("{key}.protocols[{j}]"), format!("unknown protocol {other:?} (http1, h2c)")),
+                    }
+                }
+                if !http1 && !h2c {
+                    self.err(format!("{key}.protocols"), "name at least one protocol");
+                }
+            }
+            let tls = l.tls.as_ref().and_then(|t| {
+                let (cert, key_file) = (self.path(&t.cert), self.path(&t.key));
+                self.files.extend([cert.clone(), key_file.clone()]);
+                crate::server::tls::server_config(&cert, &key_file, http1, h2c)
+                    .map_err(|e| self.err(format!("{key}.tls"), e))
+                    .ok()
+            });
+            out.push(Arc::new(Listener {
+                addr,
+                name: l.name.clone().unwrap_or_else(|| addr.to_string()),
+                http1,
+                h2c,
+                tls,
+            }));
+        }
+        out
+    }
+
+    fn upstream(&mut self, name: &str, u: &UpstreamCfg, defaults: Timeouts) -> Option<Upstream> {
+        let key = format!("upstreams.{name}");
+        let policy = match u.lb.as_deref().unwrap_or("round_robin") {
+            "round_robin" => Policy::RoundRobin,
+            "weighted_round_robin" => Policy::WeightedRoundRobin,
+            "ip_hash" => Policy::IpHash,
+            "consistent_hash" => Policy::ConsistentHash,
+            "least_conn" => Policy::LeastConn,
+            "p2c_ewma" => Policy::P2cEwma,
+            other => {
+                self.err(
+                    format!("{key}.lb"),
+                    format!("unknown policy {other:?} (round_robin, weighted_round_robin, ip_hash, consistent_hash, least_conn, p2c_ewma)"),
+                );
+                Policy::RoundRobin
+            }
+        };
+        let hash_key = match (&u.hash_key, policy) {
+            (Some(k), Policy::ConsistentHash) => {
+                Variable::parse(k).map_err(|e| self.err(format!("{key}.hash_key"), e)).ok()
+            }
+            (None, Policy::ConsistentHash) => {
+                self.err(format!("{key}.lb"), "consistent_hash needs hash_key (e.g. \"$http_x_user\")");
+                None
+            }
+            (Some(_), _) => {
+                self.err(format!("{key}.hash_key"), "hash_key is only used with lb: consistent_hash");
+                None
+            }
+            (None, _) => None,
+        };
+        let protocol = match u.protocol.as_deref().unwrap_or("http1") {
+            "http1" => Protocol::Http1,
+            "h2c" | "grpc" | "http2" => Protocol::H2c,
+            other => {
+                self.err(format!("{key}.protocol"), format!("unknown protocol {other:?} (http1, h2c)"));
+                Protocol::Http1
+            }
+        };
+        if u.peers.is_empty() {
+            self.err(format!("{key}.peers"), "an upstream needs at least one peer");
+        }
+        let mut peers = Vec::new();
+        for (i, p) in u.peers.iter().enumerate() {
+            match p.addr.parse::<SocketAddr>() {
+                Ok(addr) => peers.push(Peer { addr, weight: p.weight.unwrap_or(1).max(1), stats: peer_stats(addr) }),
+                Err(_) => self.err(format!("{key}.peers[{i}].addr"), format!("{:?} is not an IP:port address", p.addr)),
+            }
+        }
+        let keepalive = Keepalive {
+            max_idle: u.keepalive.max_idle.unwrap_or(32),
+            idle_timeout: self.duration(
+                &format!("{key}.keepalive.idle_timeout"),
+                u.keepalive.idle_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+        };
+        let timeouts = self.timeouts(&format!("{key}.timeouts"), &u.timeouts, defaults);
+        Some(Upstream {
+            name: name.to_string(),
+            protocol,
+            balancer: Balancer::new(policy, &peers),
+            peers,
+            hash_key,
+            keepalive,
+            timeouts,
+        })
+    }
+
+    fn route(
+        &mut self,
+        i: usize,
+        r: &RouteCfg,
+        upstreams: &HashMap<String, Arc<Upstream>>,
+        listeners: &HashSet<&str>,
+        cfg: &FileConfig,
+        default_body_limit: u64,
+    ) -> Option<(Route, RouteMatch)> {
+        let key = format!("routes[{i}]");
+        let m = &r.matches;
+        let mkey = format!("{key}.match");
+        let mut matcher = RouteMatch::default();
+        if let Some(l) = &m.listener {
+            if !listeners.contains(l.as_str()) {
+                self.err(format!("{mkey}.listener"), format!("no listener is named {l:?}"));
+            }
+            matcher.listener = Some(l.clone());
+        }
+        if let Some(hosts) = &m.host {
+            for (j, h) in hosts.clone().into_vec().iter().enumerate() {
+                match HostPattern::parse(h) {
+                    Ok(p) => matcher.hosts.push(p),
+                    Err(e) => self.err(format!("{mkey}.host"), format!("host #{}: {e}", j + 1)),
+                }
+            }
+        }
+        let path_kinds = [m.path.is_some(), m.path_prefix.is_some(), m.path_regex.is_some()];
+        if path_kinds.iter().filter(|b| **b).count() > 1 {
+            self.err(mkey.clone(), "use only one of path, path_prefix, path_regex");
+        }
+        if m.stop_regex.is_some() && m.path_prefix.is_none() {
+            self.err(format!("{mkey}.stop_regex"), "stop_regex only applies to path_prefix");
+        }
+        matcher.path = if let Some(p) = &m.path {
+            self.check_path(&format!("{mkey}.path"), p);
+            PathMatch::Exact(p.clone())
+        } else if let Some(p) = &m.path_prefix {
+            self.check_path(&format!("{mkey}.path_prefix"), p);
+            PathMatch::Prefix { prefix: p.clone(), stop_regex: m.stop_regex.unwrap_or(false) }
+        } else if let Some(re) = &m.path_regex {
+            match Regex::new(re) {
+                Ok(re) => PathMatch::Regex(re),
+                Err(e) => {
+                    self.err(
+                        format!("{mkey}.path_regex"),
+                        format!("regex does not compile: {}", one_line(&e.to_string())),
+                    );
+                    PathMatch::Any
+                }
+            }
+        } else {
+            PathMatch::Any
+        };
+        for (j, meth) in m.methods.iter().flatten().enumerate() {
+            match Method::from_bytes(meth.to_ascii_uppercase().as_bytes()) {
+                Ok(x) => matcher.methods.push(x),
+                Err(_) => self.err(format!("{mkey}.methods[{j}]"), format!("{meth:?} is not an HTTP method")),
+            }
+        }
+        for (name, want) in m.headers.iter().flatten() {
+            let hkey = format!("{mkey}.headers.{name}");
+            let Ok(hname) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+                self.err(hkey, format!("{name:?} is not a header name"));
+                continue;
+            };
+            let matcher_value = if want == "*" {
+                Some(HeaderMatch::Present)
+            } else if let Some(re) = want.strip_prefix('~') {
+                Regex::new(re)
+                    .map(HeaderMatch::Regex)
+                    .map_err(|e| {
+                        self.err(hkey.clone(), format!("regex does not compile: {}", one_line(&e.to_string())))
+                    })
+                    .ok()
+            } else {
+                HeaderValue::from_str(want)
+                    .map(HeaderMatch::Exact)
+                    .map_err(|_| self.err(hkey.clone(), "not a valid header value"))
+                    .ok()
+            };
+            if let Some(v) = matcher_value {
+                matcher.headers.push((hname, v));
+            }
+        }
+        if m.grpc_method.is_some() && m.grpc_service.is_none() {
+            self.err(format!("{mkey}.grpc_method"), "grpc_method needs grpc_service");
+        }
+        matcher.grpc_service = m.grpc_service.clone();
+        matcher.grpc_method = m.grpc_method.clone();
+
+        let action = match (&r.upstream, &r.ret) {
+            (Some(_), Some(_)) => {
+                self.err(key.clone(), "a route has either `upstream` or `return`, not both");
+                None
+            }
+            (None, None) => {
+                self.err(key.clone(), "a route needs `upstream` or `return`");
+                None
+            }
+            (Some(name), None) => match upstreams.get(name) {
+                Some(u) => Some(Action::Proxy(u.clone())),
+                None if cfg.upstreams.contains_key(name) => None, // its own errors are reported
+                None => {
+                    self.err(format!("{key}.upstream"), format!("no upstream is named {name:?}"));
+                    None
+                }
+            },
+            (None, Some(ret)) => self.ret(&format!("{key}.return"), ret),
+        };
+        let host_header = match r.host_header.as_deref() {
+            None | Some("pass") => None,
+            Some(h) => {
+                HeaderValue::from_str(h).map_err(|_| self.err(format!("{key}.host_header"), "not a valid host")).ok()
+            }
+        };
+        let timeout = r
+            .timeout
+            .as_deref()
+            .and_then(|t| units::duration(t).map_err(|e| self.err(format!("{key}.timeout"), e)).ok());
+        let client_max_body_size =
+            self.size(&format!("{key}.client_max_body_size"), r.client_max_body_size.as_ref(), default_body_limit);
+        let tries = r.retry.as_ref().and_then(|r| r.tries).unwrap_or(2);
+        if tries == 0 {
+            self.err(format!("{key}.retry.tries"), "tries counts the first attempt: at least 1");
+        }
+        Some((
+            Route {
+                name: r.name.clone().unwrap_or(key),
+                action: action?,
+                host_header,
+                timeout,
+                client_max_body_size,
+                tries: tries.max(1),
+            },
+            matcher,
+        ))
+    }
+
+    fn check_path(&mut self, key: &str, p: &str) {
+        if !p.starts_with('/') {
+            self.err(key, format!("{p:?} must start with /"));
+        }
+    }
+
+    fn ret(&mut self, key: &str, ret: &super::file::ReturnCfg) -> Option<Action> {
+        let Ok(status) = StatusCode::from_u16(ret.status) else {
+            self.err(format!("{key}.status"), format!("{} is not an HTTP status", ret.status));
+            return None;
+        };
+        let mut headers = HeaderMap::new();
+        for (k, v) in &ret.headers {
+            match (HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()), HeaderValue::from_str(v)) {
+                (Ok(k), Ok(v)) => {
+                    headers.append(k, v);
+                }
+                _ => self.err(format!("{key}.headers.{k}"), "not a valid header"),
+            }
+        }
+        Some(Action::Return { status, headers, body: Bytes::from(ret.body.clone()) })
+    }
+}
+
+/// regex errors span several lines; a config error is one.
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}

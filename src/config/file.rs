@@ -1,0 +1,182 @@
+//! The YAML file as serde sees it: plain structs mirroring the keys, with
+//! `deny_unknown_fields` so a typo is an error. Values stay loosely typed
+//! (strings for durations, sizes, addresses) and are checked in `compile`,
+//! where each error gets its key path and so its line.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub workers: Option<Scalar>,
+    #[serde(default)]
+    pub pid_file: Option<String>,
+    #[serde(default)]
+    pub error_log: ErrorLogCfg,
+    #[serde(default)]
+    pub access_log: AccessLogCfg,
+    #[serde(default)]
+    pub shutdown: ShutdownCfg,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub limits: LimitsCfg,
+    #[serde(default)]
+    pub timeouts: TimeoutsCfg,
+    pub listen: Vec<ListenCfg>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamCfg>,
+    #[serde(default)]
+    pub routes: Vec<RouteCfg>,
+}
+
+/// A YAML scalar that may be written as a number or a string (`16k`, `auto`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Int(u64),
+    Str(String),
+}
+
+/// A YAML value that may be one string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorLogCfg {
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogCfg {
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownCfg {
+    pub grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsCfg {
+    pub max_header_size: Option<Scalar>,
+    pub client_max_body_size: Option<Scalar>,
+    pub header_read_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsCfg {
+    pub connect: Option<String>,
+    pub send: Option<String>,
+    pub read: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenCfg {
+    pub addr: String,
+    pub name: Option<String>,
+    pub protocols: Option<Vec<String>>,
+    pub tls: Option<TlsCfg>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCfg {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamCfg {
+    pub lb: Option<String>,
+    pub hash_key: Option<String>,
+    pub protocol: Option<String>,
+    pub peers: Vec<PeerCfg>,
+    #[serde(default)]
+    pub keepalive: KeepaliveCfg,
+    #[serde(default)]
+    pub timeouts: TimeoutsCfg,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerCfg {
+    pub addr: String,
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveCfg {
+    pub max_idle: Option<usize>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCfg {
+    pub name: Option<String>,
+    #[serde(rename = "match", default)]
+    pub matches: MatchCfg,
+    pub upstream: Option<String>,
+    #[serde(rename = "return")]
+    pub ret: Option<ReturnCfg>,
+    pub host_header: Option<String>,
+    pub timeout: Option<String>,
+    pub client_max_body_size: Option<Scalar>,
+    pub retry: Option<RetryCfg>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchCfg {
+    pub listener: Option<String>,
+    pub host: Option<OneOrMany>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub stop_regex: Option<bool>,
+    pub path_regex: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub grpc_service: Option<String>,
+    pub grpc_method: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReturnCfg {
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryCfg {
+    pub tries: Option<u32>,
+}

@@ -1,0 +1,73 @@
+//! The proxy's own error type: what went wrong, on which side, and whether
+//! another peer may be tried. `phase::respond` turns it into the client's answer.
+
+use std::time::Duration;
+
+/// Where a failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something we refuse.
+    Downstream,
+    /// The upstream peer failed or timed out.
+    Upstream,
+    /// luagate itself.
+    Internal,
+}
+
+/// Every error a request can end with before its response starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("no live peer in upstream {upstream}")]
+    NoPeer { upstream: String },
+    #[error("connect to {peer} failed: {source}")]
+    Connect {
+        peer: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connect to {peer} timed out after {after:?}")]
+    ConnectTimeout { peer: std::net::SocketAddr, after: Duration },
+    #[error("upstream {peer} failed: {source}")]
+    Upstream {
+        peer: std::net::SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("upstream {peer} sent no response headers within {after:?}")]
+    ReadTimeout { peer: std::net::SocketAddr, after: Duration },
+    #[error("request deadline of {after:?} exceeded")]
+    Deadline { after: Duration },
+    #[error("client went away")]
+    ClientGone,
+}
+
+impl ProxyError {
+    /// Which side is to blame, for logs and metrics.
+    pub fn side(&self) -> Side {
+        match self {
+            Self::NoRoute { .. } | Self::BodyTooLarge { .. } | Self::BadRequest(_) | Self::ClientGone => {
+                Side::Downstream
+            }
+            Self::NoPeer { .. }
+            | Self::Connect { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::Upstream { .. }
+            | Self::ReadTimeout { .. }
+            | Self::Deadline { .. } => Side::Upstream,
+        }
+    }
+
+    /// True when nothing reached the peer, so the same request may go to another one.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::ConnectTimeout { .. })
+    }
+}
+
+/// Boxed error used for body streams, where hyper wants `Into<Box<dyn Error>>`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,283 @@
+//! The two bodies a proxied request streams, frame by frame, never buffered
+//! whole: [`UpstreamBody`] (client → upstream: counts bytes, enforces the
+//! body size limit and the send timeout) and [`ResponseBody`] (upstream or
+//! luagate → client: counts bytes, enforces the read timeout and the request
+//! deadline, and runs the log phase when it ends or is dropped).
+
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::error::BoxError;
+use crate::observe::access_log::LogRecord;
+use crate::protocol::grpc::{self, Code};
+use crate::upstream::balancer::InFlight;
+
+/// What the request body tells the rest of the request.
+#[derive(Debug, Default)]
+pub struct RequestTally {
+    pub bytes: Cell<u64>,
+    pub limit_hit: Cell<bool>,
+    pub timed_out: Cell<bool>,
+}
+
+/// The body sent upstream. `Empty` and `Full` can be replayed to another peer.
+pub enum UpstreamBody {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(RequestStream),
+}
+
+pub struct RequestStream {
+    inner: Incoming,
+    limit: u64,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    tally: Rc<RequestTally>,
+}
+
+impl RequestStream {
+    /// `limit` 0 = none; `idle` = longest wait for the client's next frame.
+    pub fn new(inner: Incoming, limit: u64, idle: Duration, tally: Rc<RequestTally>) -> Self {
+        Self { inner, limit, idle, timer: None, tally }
+    }
+}
+
+impl UpstreamBody {
+    /// A copy for another attempt, when the body can be replayed.
+    pub fn try_clone(&self) -> Option<Self> {
+        match self {
+            Self::Empty => Some(Self::Empty),
+            Self::Full(b) => Some(Self::Full(b.clone())),
+            Self::Stream(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("no request body data for {0:?}")]
+    SendTimeout(Duration),
+    #[error("upstream sent no data for {0:?}")]
+    ReadTimeout(Duration),
+    #[error("request deadline exceeded")]
+    Deadline,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Stream(s) => s.poll_next(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Full(b) => b.is_none(),
+            Self::Stream(s) => s.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Stream(s) => s.inner.size_hint(),
+        }
+    }
+}
+
+impl RequestStream {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.timer = None;
+                if let Some(data) = frame.data_ref() {
+                    let total = self.tally.bytes.get() + data.len() as u64;
+                    self.tally.bytes.set(total);
+                    if self.limit > 0 && total > self.limit {
+                        self.tally.limit_hit.set(true);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let idle = self.idle;
+                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                ready!(timer.as_mut().poll(cx));
+                self.tally.timed_out.set(true);
+                Poll::Ready(Some(Err(BodyError::SendTimeout(idle).into())))
+            }
+        }
+    }
+}
+
+use std::future::Future;
+
+enum Inner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+    /// A proxy-made gRPC answer that ends with trailers (after a deadline or read timeout).
+    Trailers(Option<HeaderMap>),
+}
+
+/// The body sent to the client; its end (or drop) is the log phase.
+pub struct ResponseBody {
+    inner: Inner,
+    grpc: bool,
+    read_timeout: Option<Duration>,
+    idle: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    log: Option<LogRecord>,
+    _in_flight: Option<InFlight>,
+}
+
+impl ResponseBody {
+    /// A body made by luagate itself.
+    pub fn full(body: Bytes, log: Option<LogRecord>) -> Self {
+        let inner = Inner::Full((!body.is_empty()).then_some(body));
+        Self { inner, grpc: false, read_timeout: None, idle: None, deadline: None, log, _in_flight: None }
+    }
+
+    /// A streamed upstream body. `deadline` ends it (gRPC: with
+    /// DEADLINE_EXCEEDED trailers); `read_timeout` bounds each wait for data.
+    pub fn upstream(
+        inner: Incoming,
+        grpc: bool,
+        read_timeout: Duration,
+        deadline: Option<Instant>,
+        log: LogRecord,
+        in_flight: InFlight,
+    ) -> Self {
+        Self {
+            inner: Inner::Upstream(inner),
+            grpc,
+            read_timeout: Some(read_timeout),
+            idle: None,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            log: Some(log),
+            _in_flight: Some(in_flight),
+        }
+    }
+
+    /// End a gRPC stream with a status in trailers instead of the upstream's.
+    fn end_grpc(&mut self, code: Code, msg: &str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", code.header_value());
+        t.insert("grpc-message", grpc::encode_message(msg));
+        if let Some(log) = &mut self.log {
+            log.grpc_status = Some(code as u32);
+            log.error = Some(msg.to_string());
+        }
+        self.inner = Inner::Trailers(None);
+        self.deadline = None;
+        self.idle = None;
+        Poll::Ready(Some(Ok(Frame::trailers(t))))
+    }
+
+    fn fail(&mut self, err: BodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(log) = &mut self.log {
+            log.error = Some(err.to_string());
+        }
+        self.inner = Inner::Trailers(None);
+        Poll::Ready(Some(Err(err.into())))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(d) = &mut this.deadline {
+            if d.as_mut().poll(cx).is_ready() {
+                return if this.grpc {
+                    this.end_grpc(Code::DeadlineExceeded, "deadline exceeded")
+                } else {
+                    this.fail(BodyError::Deadline)
+                };
+            }
+        }
+        let polled = match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Trailers(t) => Poll::Ready(t.take().map(|t| Ok(Frame::trailers(t)))),
+            Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BoxError::from(e)))),
+                other => other.map(|o| o.map(|r| r.map_err(BoxError::from))),
+            },
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle = None;
+                if let Some(log) = &mut this.log {
+                    if let Some(data) = frame.data_ref() {
+                        log.bytes_sent += data.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref() {
+                        log.grpc_status = grpc_status(t).or(log.grpc_status);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                let Some(read) = this.read_timeout else { return Poll::Pending };
+                let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(read)));
+                ready!(idle.as_mut().poll(cx));
+                if this.grpc {
+                    this.end_grpc(Code::Unavailable, "upstream read timeout")
+                } else {
+                    this.fail(BodyError::ReadTimeout(read))
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Trailers(t) => t.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Trailers(_) => SizeHint::default(),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.emit();
+        }
+    }
+}
+
+/// `grpc-status` of a header or trailer block.
+pub fn grpc_status(h: &HeaderMap) -> Option<u32> {
+    h.get("grpc-status").and_then(|v: &HeaderValue| v.to_str().ok()).and_then(|s| s.parse().ok())
+}

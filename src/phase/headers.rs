@@ -1,0 +1,144 @@
+//! Header rewriting between client and upstream: hop-by-hop headers are
+//! removed (RFC 9110 §7.6.1), and X-Forwarded-For / X-Real-IP /
+//! X-Forwarded-Proto are set so that a client cannot spoof them: values that
+//! arrive are believed only from a trusted proxy.
+
+use std::net::IpAddr;
+
+use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+const HOP_BY_HOP: [&str; 5] =
+    ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "trailer"];
+
+/// Remove hop-by-hop headers and those the Connection header names.
+/// `keep_te_trailers` keeps `te: trailers`, which gRPC needs end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(keep_te_trailers && n == TE) {
+            headers.remove(n);
+        }
+    }
+    headers.remove(CONNECTION);
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(TRANSFER_ENCODING);
+    headers.remove(UPGRADE);
+    let te_trailers = headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    headers.remove(TE);
+    if keep_te_trailers && te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The address of the real client: the connecting peer, or — when the peer
+/// is a trusted proxy — the rightmost untrusted address of X-Forwarded-For.
+pub fn real_client_ip(headers: &HeaderMap, peer: IpAddr, is_trusted: impl Fn(IpAddr) -> bool) -> IpAddr {
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut last = peer;
+    let hops = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    for ip in hops.into_iter().rev() {
+        last = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    last
+}
+
+/// Set X-Forwarded-For, X-Real-IP and X-Forwarded-Proto for the upstream.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool, real_ip: IpAddr, scheme: &'static str) {
+    let peer_s = peer.to_string();
+    let xff = match headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>() {
+        prior if trusted_peer && !prior.is_empty() => format!("{}, {peer_s}", prior.join(", ")),
+        _ => peer_s,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&real_ip.to_string()) {
+        headers.insert(&X_REAL_IP, v);
+    }
+    if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = map(&[
+            ("connection", "x-foo, keep-alive"),
+            ("x-foo", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+
+        let mut h = map(&[("te", "trailers"), ("connection", "te")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        let mut h = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get("te").is_none());
+    }
+
+    #[test]
+    fn forwarded_for_untrusted_client_is_replaced() {
+        let peer: IpAddr = "203.0.113.7".parse().unwrap();
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-real-ip", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        let real = real_client_ip(&h, peer, |_| false);
+        set_forwarded(&mut h, peer, false, real, "http");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "203.0.113.7");
+        assert_eq!(h.get("x-real-ip").unwrap(), "203.0.113.7");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn forwarded_for_trusted_proxy_is_appended() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = |ip: IpAddr| ip.to_string().starts_with("10.");
+        let mut h = map(&[("x-forwarded-for", "198.51.100.9, 10.0.0.5"), ("x-forwarded-proto", "https")]);
+        let real = real_client_ip(&h, peer, trusted);
+        assert_eq!(real.to_string(), "198.51.100.9");
+        set_forwarded(&mut h, peer, true, real, "http");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "198.51.100.9, 10.0.0.5, 10.0.0.1");
+        assert_eq!(h.get("x-real-ip").unwrap(), "198.51.100.9");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+    }
+}

@@ -1,0 +1,262 @@
+//! The pipeline driver: one request from its head to its log line.
+//!
+//! ```text
+//! accept ─► route match ─► [return] ─► balancer ─► upstream ─► response ─► log
+//! ```
+//! The snapshot is loaded once, at the start; the request keeps it to its
+//! end, so a reload never changes a request halfway. The log phase runs when
+//! the response body ends or is dropped (see `body::ResponseBody`), so it
+//! never delays the client.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{CONTENT_LENGTH, HOST};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::{Body as _, Incoming};
+use tokio::time::Instant;
+
+use super::body::{self, RequestStream, RequestTally, ResponseBody, UpstreamBody};
+use super::{headers, respond};
+use crate::config::snapshot::{Action, Listener, Route};
+use crate::config::Snapshot;
+use crate::error::ProxyError;
+use crate::observe::access_log::LogRecord;
+use crate::observe::trace::TraceContext;
+use crate::protocol::grpc;
+use crate::route::MatchInput;
+use crate::upstream::pool::Pool;
+use crate::upstream::{call, Protocol, Upstream};
+
+/// What a connection knows about itself, shared by its requests.
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    pub listener: Arc<Listener>,
+    pub tls: bool,
+}
+
+/// A worker's own state, shared by all its connections.
+pub struct Worker {
+    pub id: usize,
+    pub pool: Rc<Pool>,
+}
+
+/// Emits the access log line with status 499 if the client goes away before
+/// a response exists (the request future is dropped).
+struct LogGuard(Option<LogRecord>);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if let Some(mut log) = self.0.take() {
+            log.status = 499;
+            log.error.get_or_insert_with(|| "client closed the request".into());
+            log.emit();
+        }
+    }
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Rc<ConnInfo>,
+    worker: Rc<Worker>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let snap = crate::config::reload::current();
+    let (parts, body) = req.into_parts();
+    let trace = TraceContext::from_headers(&parts.headers);
+    let mut guard = LogGuard(Some(LogRecord {
+        start: std::time::Instant::now(),
+        client: conn.client,
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        route: None,
+        upstream: None,
+        peer: None,
+        status: 0,
+        grpc_status: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+        upstream_time: None,
+        trace_id: trace.trace_id_hex(),
+        error: None,
+    }));
+    let is_grpc = grpc::is_grpc(&parts.headers);
+    let host = request_host(&parts);
+    let route = {
+        let input = MatchInput {
+            listener: &conn.listener.name,
+            host: &host,
+            path: parts.uri.path(),
+            method: &parts.method,
+            headers: &parts.headers,
+            grpc: if is_grpc { grpc::parse_path(parts.uri.path()) } else { None },
+        };
+        snap.table.find(&input).map(|i| Arc::clone(&snap.routes[i]))
+    };
+    let Some(route) = route else {
+        let err = ProxyError::NoRoute { method: parts.method.to_string(), path: parts.uri.path().to_string() };
+        return Ok(respond::error(&err, is_grpc, guard.0.take()));
+    };
+    if let Some(log) = &mut guard.0 {
+        log.route = Some(Arc::from(route.name.as_str()));
+    }
+    match &route.action {
+        Action::Return { status, headers, body } => {
+            let mut log = guard.0.take();
+            if let Some(log) = &mut log {
+                log.status = status.as_u16();
+            }
+            let mut resp = Response::new(ResponseBody::full(body.clone(), log));
+            *resp.status_mut() = *status;
+            *resp.headers_mut() = headers.clone();
+            Ok(resp)
+        }
+        Action::Proxy(upstream) => {
+            let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
+            Ok(ctx.run(parts, body, &mut guard).await)
+        }
+    }
+}
+
+struct Proxy<'a> {
+    snap: &'a Snapshot,
+    conn: &'a ConnInfo,
+    worker: &'a Worker,
+    route: &'a Route,
+    upstream: &'a Arc<Upstream>,
+    is_grpc: bool,
+    trace: TraceContext,
+}
+
+impl Proxy<'_> {
+    async fn run(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        guard: &mut LogGuard,
+    ) -> Response<ResponseBody> {
+        let up = self.upstream;
+        if let Some(log) = &mut guard.0 {
+            log.upstream = Some(Arc::from(up.name.as_str()));
+        }
+        let limit = self.route.client_max_body_size;
+        let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if limit > 0 && declared.is_some_and(|n| n > limit) {
+            return respond::error(&ProxyError::BodyTooLarge { limit }, self.is_grpc, guard.0.take());
+        }
+
+        let deadline = self.deadline(&parts);
+        let client_ip = self.conn.client.ip();
+        let trusted = self.snap.is_trusted(client_ip);
+        let real_ip = headers::real_client_ip(&parts.headers, client_ip, |ip| self.snap.is_trusted(ip));
+        let hash_key: Option<Vec<u8>> =
+            up.hash_key.as_ref().and_then(|v| v.eval(&parts, real_ip)).map(|c| c.into_owned());
+
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, up.protocol == Protocol::H2c);
+        headers::set_forwarded(h, client_ip, trusted, real_ip, if self.conn.tls { "https" } else { "http" });
+        h.insert("traceparent", self.trace.header_value());
+        let authority = match &self.route.host_header {
+            Some(v) => v.clone(),
+            None => HeaderValue::from_str(&original_host(&parts)).unwrap_or(HeaderValue::from_static("localhost")),
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match up.protocol {
+            Protocol::Http1 => {
+                parts.uri = Uri::try_from(path).unwrap_or_default();
+                parts.version = Version::HTTP_11;
+                parts.headers.insert(HOST, authority);
+            }
+            Protocol::H2c => {
+                let uri = format!("http://{}{path}", authority.to_str().unwrap_or("localhost"));
+                parts.uri = Uri::try_from(uri).unwrap_or_default();
+                parts.version = Version::HTTP_2;
+                parts.headers.remove(HOST);
+            }
+        }
+        if let Some((d, _)) = deadline.filter(|_| self.is_grpc) {
+            let left = d.saturating_duration_since(Instant::now());
+            parts.headers.insert("grpc-timeout", grpc::format_timeout(left));
+        }
+
+        let tally = Rc::new(RequestTally::default());
+        let upstream_body = if body.is_end_stream() {
+            UpstreamBody::Empty
+        } else {
+            UpstreamBody::Stream(RequestStream::new(body, limit, up.timeouts.send, Rc::clone(&tally)))
+        };
+        let req = Request::from_parts(parts, upstream_body);
+        let calling = call::call(&self.worker.pool, up, req, real_ip, hash_key.as_deref(), self.route.tries);
+        let result = match deadline {
+            Some((at, after)) => match tokio::time::timeout_at(at, calling).await {
+                Ok(r) => r,
+                Err(_) => Err(ProxyError::Deadline { after }),
+            },
+            None => calling.await,
+        };
+        if let Some(log) = &mut guard.0 {
+            log.bytes_received = tally.bytes.get();
+        }
+        let answer = match result {
+            Ok(a) => a,
+            Err(e) => {
+                let e = if tally.limit_hit.get() { ProxyError::BodyTooLarge { limit } } else { e };
+                tracing::warn!(route = %self.route.name, error = %e, "request failed");
+                return respond::error(&e, self.is_grpc, guard.0.take());
+            }
+        };
+        let (mut head, incoming) = answer.response.into_parts();
+        headers::strip_hop_by_hop(&mut head.headers, false);
+        let Some(mut log) = guard.0.take() else {
+            return respond::error(&ProxyError::ClientGone, self.is_grpc, None);
+        };
+        log.peer = Some(answer.peer);
+        log.status = head.status.as_u16();
+        log.upstream_time = Some(answer.elapsed);
+        log.grpc_status = body::grpc_status(&head.headers);
+        let body = ResponseBody::upstream(
+            incoming,
+            self.is_grpc,
+            up.timeouts.read,
+            deadline.map(|(at, _)| at),
+            log,
+            answer.in_flight,
+        );
+        Response::from_parts(head, body)
+    }
+
+    /// The request's deadline: the route's timeout, capped further by the
+    /// client's `grpc-timeout`.
+    fn deadline(&self, parts: &http::request::Parts) -> Option<(Instant, Duration)> {
+        let client = if self.is_grpc { parts.headers.get("grpc-timeout").and_then(grpc::parse_timeout) } else { None };
+        let limit: Option<Duration> = match (self.route.timeout, client) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        limit.map(|d| (Instant::now() + d, d))
+    }
+}
+
+/// The Host as sent (header, or the HTTP/2 authority), port included.
+fn original_host(parts: &http::request::Parts) -> String {
+    parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The host for route matching: lowercase, without the port.
+fn request_host(parts: &http::request::Parts) -> String {
+    let raw = original_host(parts);
+    let without_port = if raw.starts_with('[') {
+        raw.split_once(']').map_or(raw.as_str(), |(h, _)| h).trim_start_matches('[')
+    } else {
+        raw.rsplit_once(':').map_or(raw.as_str(), |(h, _)| h)
+    };
+    without_port.to_ascii_lowercase()
+}

@@ -1,0 +1,84 @@
+//! The one place where a proxy-made error becomes the client's answer: an
+//! HTTP status with a short text body, or for a gRPC call a trailers-only
+//! response (HTTP 200, `grpc-status`, `grpc-message`) — never an HTML 502 to
+//! a gRPC client.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+use crate::error::ProxyError;
+use crate::observe::access_log::LogRecord;
+use crate::protocol::grpc::{self, Code};
+
+/// HTTP status and gRPC code for each error.
+pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
+    match err {
+        ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, Code::Unimplemented),
+        ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
+        ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, Code::Internal),
+        ProxyError::NoPeer { .. }
+        | ProxyError::Connect { .. }
+        | ProxyError::ConnectTimeout { .. }
+        | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, Code::Unavailable),
+        ProxyError::ReadTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable),
+        ProxyError::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
+        // nginx's 499: the client closed the request.
+        ProxyError::ClientGone => (StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST), Code::Cancelled),
+    }
+}
+
+/// The answer for `err`; `log` (if any) is completed and travels with the body.
+pub fn error(err: &ProxyError, is_grpc: bool, mut log: Option<LogRecord>) -> Response<ResponseBody> {
+    let (status, code) = classify(err);
+    if let Some(log) = &mut log {
+        log.error = Some(err.to_string());
+    }
+    if is_grpc {
+        return grpc_status(code, &err.to_string(), log);
+    }
+    if let Some(log) = &mut log {
+        log.status = status.as_u16();
+    }
+    let text = format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(ResponseBody::full(Bytes::from(text), log))
+        .unwrap_or_else(|_| Response::new(ResponseBody::full(Bytes::new(), None)))
+}
+
+/// A trailers-only gRPC answer.
+pub fn grpc_status(code: Code, message: &str, mut log: Option<LogRecord>) -> Response<ResponseBody> {
+    if let Some(log) = &mut log {
+        log.status = 200;
+        log.grpc_status = Some(code as u32);
+    }
+    let mut resp = Response::new(ResponseBody::full(Bytes::new(), log));
+    let h = resp.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", code.header_value());
+    h.insert("grpc-message", grpc::encode_message(message));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_clients_get_trailers_only() {
+        let r = error(&ProxyError::NoRoute { method: "POST".into(), path: "/x.Y/Z".into() }, true, None);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "12");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+    }
+
+    #[test]
+    fn http_clients_get_status() {
+        let r = error(&ProxyError::NoPeer { upstream: "u".into() }, false, None);
+        assert_eq!(r.status(), 502);
+        let r = error(&ProxyError::Deadline { after: std::time::Duration::from_secs(1) }, true, None);
+        assert_eq!(r.headers()["grpc-status"], "4");
+    }
+}

@@ -1,0 +1,107 @@
+//! nginx-style request variables (`$http_x_user`, `$cookie_id`, `$arg_page`,
+//! `$remote_addr`, `$uri`, `$request_uri`), parsed once at compile time and
+//! evaluated against a request without copying where the value is borrowed.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use http::request::Parts;
+use http::HeaderName;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Variable {
+    Header(HeaderName),
+    Cookie(String),
+    Arg(String),
+    RemoteAddr,
+    Uri,
+    RequestUri,
+}
+
+impl Variable {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let name = s.strip_prefix('$').ok_or_else(|| format!("variable {s:?} must start with $"))?;
+        let bad = || {
+            format!(
+                "unknown variable {s:?} (use $http_NAME, $cookie_NAME, $arg_NAME, $remote_addr, $uri or $request_uri)"
+            )
+        };
+        if let Some(h) = name.strip_prefix("http_") {
+            let h = h.replace('_', "-").to_ascii_lowercase();
+            return HeaderName::from_bytes(h.as_bytes()).map(Self::Header).map_err(|_| bad());
+        }
+        if let Some(c) = name.strip_prefix("cookie_").filter(|c| !c.is_empty()) {
+            return Ok(Self::Cookie(c.to_string()));
+        }
+        if let Some(a) = name.strip_prefix("arg_").filter(|a| !a.is_empty()) {
+            return Ok(Self::Arg(a.to_string()));
+        }
+        match name {
+            "remote_addr" => Ok(Self::RemoteAddr),
+            "uri" => Ok(Self::Uri),
+            "request_uri" => Ok(Self::RequestUri),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The variable's value for this request, or None when it is not set.
+    pub fn eval<'a>(&self, req: &'a Parts, client: IpAddr) -> Option<Cow<'a, [u8]>> {
+        match self {
+            Self::Header(h) => req.headers.get(h).map(|v| Cow::Borrowed(v.as_bytes())),
+            Self::Cookie(name) => req
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Cow::Borrowed(v.as_bytes())),
+            Self::Arg(name) => req
+                .uri
+                .query()?
+                .split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Cow::Borrowed(v.as_bytes())),
+            Self::RemoteAddr => Some(Cow::Owned(client.to_string().into_bytes())),
+            Self::Uri => Some(Cow::Borrowed(req.uri.path().as_bytes())),
+            Self::RequestUri => Some(Cow::Borrowed(req.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn evaluates_each_kind() {
+        let p = parts("/a/b?x=1&page=7&flag", &[("x-user", "u1"), ("cookie", "a=1; sid=abc")]);
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let v = |s: &str| Variable::parse(s).unwrap().eval(&p, ip).map(|c| c.into_owned());
+        assert_eq!(v("$http_x_user"), Some(b"u1".to_vec()));
+        assert_eq!(v("$cookie_sid"), Some(b"abc".to_vec()));
+        assert_eq!(v("$arg_page"), Some(b"7".to_vec()));
+        assert_eq!(v("$arg_flag"), Some(b"".to_vec()));
+        assert_eq!(v("$arg_none"), None);
+        assert_eq!(v("$remote_addr"), Some(b"10.1.2.3".to_vec()));
+        assert_eq!(v("$uri"), Some(b"/a/b".to_vec()));
+        assert_eq!(v("$request_uri"), Some(b"/a/b?x=1&page=7&flag".to_vec()));
+    }
+
+    #[test]
+    fn rejects_unknown() {
+        assert!(Variable::parse("http_x").is_err());
+        assert!(Variable::parse("$nope").is_err());
+        assert!(Variable::parse("$cookie_").is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Protocol knowledge the proxy needs beyond plain HTTP.
+
+pub mod grpc;

@@ -1,0 +1,91 @@
+//! One worker thread: a current-thread tokio runtime running a `LocalSet`,
+//! its own listeners, its own upstream pool. It follows reloads (opening and
+//! closing listeners the new snapshot adds or drops) and drains its
+//! connections on shutdown, up to the grace period.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, LocalSet};
+
+use super::connection::Tracker;
+use super::listener;
+use crate::config::{reload, Snapshot};
+use crate::phase::pipeline::Worker;
+use crate::upstream::pool::Pool;
+
+pub fn run(
+    id: usize,
+    mut generation: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {id}: cannot start its runtime: {e}")));
+            return;
+        }
+    };
+    LocalSet::new().block_on(&rt, async move {
+        let worker = Rc::new(Worker { id, pool: Rc::new(Pool::default()) });
+        let conns = Rc::new(Tracker::default());
+        let mut listeners: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+        let conn_stop = stop.clone();
+        let sync = |listeners: &mut HashMap<SocketAddr, JoinHandle<()>>, snap: &Snapshot| -> Result<(), String> {
+            listeners.retain(|addr, task| {
+                let keep = snap.listener(*addr).is_some();
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for l in &snap.listeners {
+                if listeners.contains_key(&l.addr) {
+                    continue;
+                }
+                let sock = listener::bind(l.addr).map_err(|e| format!("cannot listen on {}: {e}", l.addr))?;
+                let task = listener::accept_loop(sock, Rc::clone(&worker), Rc::clone(&conns), conn_stop.clone());
+                listeners.insert(l.addr, tokio::task::spawn_local(task));
+            }
+            Ok(())
+        };
+        if let Err(e) = sync(&mut listeners, &reload::current()) {
+            let _ = ready.send(Err(e));
+            return;
+        }
+        let _ = ready.send(Ok(()));
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                changed = generation.changed() => {
+                    if changed.is_err() { break; }
+                    if let Err(e) = sync(&mut listeners, &reload::current()) {
+                        tracing::error!(worker = id, error = %e, "reload: listener not opened");
+                    }
+                }
+                _ = stop.changed() => break,
+                _ = sweep.tick() => {
+                    let snap = reload::current();
+                    worker.pool.sweep(|addr| keepalive_of(&snap, addr));
+                }
+            }
+        }
+        for (_, task) in listeners.drain() {
+            task.abort();
+        }
+        let grace = reload::current().shutdown_grace;
+        if tokio::time::timeout(grace, conns.drained()).await.is_err() {
+            tracing::warn!(worker = id, open = conns.open(), "grace period over, closing connections");
+        }
+    });
+}
+
+/// The idle timeout for pooled connections to `addr`, or None when no
+/// upstream names it any more.
+fn keepalive_of(snap: &Snapshot, addr: SocketAddr) -> Option<Duration> {
+    snap.upstreams.values().filter(|u| u.peers.iter().any(|p| p.addr == addr)).map(|u| u.keepalive.idle_timeout).max()
+}

@@ -45,6 +45,8 @@ pub enum ProxyError {
     Deadline { after: Duration },
     #[error("client went away")]
     ClientGone,
+    #[error("lua: {0}")]
+    Lua(String),
 }
 
 impl ProxyError {
@@ -60,6 +62,7 @@ impl ProxyError {
             | Self::Upstream { .. }
             | Self::ReadTimeout { .. }
             | Self::Deadline { .. } => Side::Upstream,
+            Self::Lua(_) => Side::Internal,
         }
     }
 

@@ -15,3 +15,4 @@ pub mod upstream;
 
 /// The version printed by `luagate --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub mod lua;

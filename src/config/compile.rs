@@ -12,9 +12,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
-use super::file::{FileConfig, ListenCfg, RouteCfg, Scalar, TimeoutsCfg, UpstreamCfg};
+use super::file::{FileConfig, ListenCfg, LuaCfg, RouteCfg, Scalar, TimeoutsCfg, UpstreamCfg};
 use super::snapshot::{AccessLogTarget, Action, Limits, Listener, Route, Snapshot};
 use super::units;
+use super::ConfigError;
+use crate::lua::{Grants, RouteLua, Script, Settings as LuaSettings};
 use crate::phase::variable::Variable;
 use crate::route::{HeaderMatch, HostPattern, PathMatch, RouteMatch, RouteTable};
 use crate::upstream::balancer::{Balancer, Peer, Policy};
@@ -23,12 +25,19 @@ use crate::upstream::{peer_stats, Keepalive, Protocol, Timeouts, Upstream};
 /// Errors as (key path, message).
 pub type Errors = Vec<(String, String)>;
 
+/// Why a config did not compile: errors at config keys, and errors inside Lua files.
+pub struct Failed {
+    pub errors: Errors,
+    pub lua: Vec<ConfigError>,
+}
+
 const DEFAULT_TIMEOUTS: Timeouts =
     Timeouts { connect: Duration::from_secs(5), send: Duration::from_secs(60), read: Duration::from_secs(60) };
 
-pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Errors> {
+pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
     let mut c = Compiler {
         errors: Vec::new(),
+        lua_errors: Vec::new(),
         dir: source.parent().unwrap_or(Path::new(".")).to_path_buf(),
         files: Vec::new(),
     };
@@ -85,6 +94,8 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Errors> {
     }
     let defaults = c.timeouts("timeouts", &cfg.timeouts, DEFAULT_TIMEOUTS);
 
+    let checker = mlua::Lua::new();
+    let lua = c.lua_settings(&cfg.lua, &checker);
     let listeners = c.listeners(&cfg.listen);
     let listener_names: HashSet<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
     let upstreams: HashMap<String, Arc<Upstream>> = cfg
@@ -95,13 +106,15 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Errors> {
     let mut routes = Vec::new();
     let mut matchers = Vec::new();
     for (i, r) in cfg.routes.iter().enumerate() {
-        if let Some((route, matcher)) = c.route(i, r, &upstreams, &listener_names, &cfg, limits.client_max_body_size) {
+        if let Some((route, matcher)) =
+            c.route(i, r, &upstreams, &listener_names, &cfg, limits.client_max_body_size, &checker)
+        {
             routes.push(Arc::new(route));
             matchers.push(matcher);
         }
     }
-    if !c.errors.is_empty() {
-        return Err(c.errors);
+    if !c.errors.is_empty() || !c.lua_errors.is_empty() {
+        return Err(Failed { errors: c.errors, lua: c.lua_errors });
     }
     Ok(Snapshot {
         generation: 0,
@@ -117,6 +130,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Errors> {
         routes,
         table: RouteTable::new(matchers),
         upstreams,
+        lua,
         files: c.files,
     })
 }
@@ -127,6 +141,8 @@ fn default_workers() -> usize {
 
 struct Compiler {
     errors: Errors,
+    /// Errors located in Lua files rather than the config.
+    lua_errors: Vec<ConfigError>,
     dir: PathBuf,
     files: Vec<PathBuf>,
 }
@@ -302,6 +318,7 @@ impl Compiler {
         listeners: &HashSet<&str>,
         cfg: &FileConfig,
         default_body_limit: u64,
+        checker: &mlua::Lua,
     ) -> Option<(Route, RouteMatch)> {
         let key = format!("routes[{i}]");
         let m = &r.matches;
@@ -385,13 +402,30 @@ impl Compiler {
         matcher.grpc_service = m.grpc_service.clone();
         matcher.grpc_method = m.grpc_method.clone();
 
+        let lua = r.lua.as_ref().map(|l| {
+            let lkey = format!("{key}.lua");
+            let mut one = |phase: &str, v: &Option<String>| {
+                v.as_deref().and_then(|v| self.script(checker, &format!("{lkey}.{phase}"), v))
+            };
+            Arc::new(RouteLua {
+                rewrite: one("rewrite", &l.rewrite),
+                access: one("access", &l.access),
+                content: one("content", &l.content),
+                balancer: one("balancer", &l.balancer),
+                header_filter: one("header_filter", &l.header_filter),
+                body_filter: one("body_filter", &l.body_filter),
+                log: one("log", &l.log),
+            })
+        });
+        let has_content = lua.as_ref().is_some_and(|l| l.content.is_some());
         let action = match (&r.upstream, &r.ret) {
             (Some(_), Some(_)) => {
                 self.err(key.clone(), "a route has either `upstream` or `return`, not both");
                 None
             }
+            (None, None) if has_content => Some(Action::Content),
             (None, None) => {
-                self.err(key.clone(), "a route needs `upstream` or `return`");
+                self.err(key.clone(), "a route needs `upstream`, `return` or a `lua.content` script");
                 None
             }
             (Some(name), None) => match upstreams.get(name) {
@@ -428,9 +462,79 @@ impl Compiler {
                 timeout,
                 client_max_body_size,
                 tries: tries.max(1),
+                lua,
             },
             matcher,
         ))
+    }
+
+    /// A script (file or inline), syntax-checked; file errors point into the Lua file.
+    fn script(&mut self, checker: &mlua::Lua, key: &str, value: &str) -> Option<Arc<Script>> {
+        match crate::lua::compile::script(checker, &self.dir, key, value) {
+            Ok(s) => {
+                if crate::lua::compile::is_file_ref(value) {
+                    self.files.push(self.path(value.trim()));
+                }
+                Some(s)
+            }
+            Err(e) => {
+                match e.file_line {
+                    Some((file, line)) => {
+                        self.lua_errors.push(ConfigError { file, line, column: 0, message: e.message })
+                    }
+                    None => self.err(key, e.message),
+                }
+                None
+            }
+        }
+    }
+
+    fn lua_settings(&mut self, cfg: &LuaCfg, checker: &mlua::Lua) -> LuaSettings {
+        let mut shared_dicts = Vec::new();
+        for (name, size) in &cfg.shared_dicts {
+            match units::size(size) {
+                Ok(n) if n >= 8192 => {
+                    shared_dicts.push((name.clone(), crate::lua::ngx::shared::dict(name, n as usize)))
+                }
+                Ok(_) => self.err(format!("lua.shared_dicts.{name}"), "a shared dict needs at least 8k"),
+                Err(e) => self.err(format!("lua.shared_dicts.{name}"), e),
+            }
+        }
+        let mut grants = Grants::default();
+        for (i, g) in cfg.allow.iter().enumerate() {
+            match g.as_str() {
+                "os_execute" => grants.os_execute = true,
+                "io_popen" => grants.io_popen = true,
+                "native_modules" => grants.native_modules = true,
+                other => self.err(
+                    format!("lua.allow[{i}]"),
+                    format!("unknown grant {other:?} (os_execute, io_popen, native_modules)"),
+                ),
+            }
+        }
+        for name in cfg.variables.keys() {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                self.err(format!("lua.variables.{name}"), "variable names are letters, digits and _");
+            }
+        }
+        let package_path = cfg.package_path.clone().unwrap_or_else(|| "lua/?.lua;lua/lib/?.lua".to_string());
+        let package_path = package_path
+            .split(';')
+            .filter(|p| !p.is_empty())
+            .map(|p| if Path::new(p).is_absolute() { p.to_string() } else { self.dir.join(p).display().to_string() })
+            .chain(std::iter::once(";".to_string()))
+            .collect::<Vec<_>>()
+            .join(";");
+        LuaSettings {
+            package_path,
+            shared_dicts,
+            init_worker: cfg.init_worker.as_deref().and_then(|v| self.script(checker, "lua.init_worker", v)),
+            time_budget: self.duration("lua.time_budget", cfg.time_budget.as_deref(), Duration::from_secs(1)),
+            memory_limit: self.size("lua.memory_limit", cfg.memory_limit.as_ref(), 256 << 20) as usize,
+            grants,
+            variables: cfg.variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            prefix: format!("{}/", self.dir.display()),
+        }
     }
 
     fn check_path(&mut self, key: &str, p: &str) {

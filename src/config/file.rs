@@ -31,6 +31,41 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamCfg>,
     #[serde(default)]
     pub routes: Vec<RouteCfg>,
+    #[serde(default)]
+    pub lua: LuaCfg,
+}
+
+/// Global Lua settings (`lua:`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LuaCfg {
+    pub package_path: Option<String>,
+    #[serde(default)]
+    pub shared_dicts: BTreeMap<String, Scalar>,
+    pub init_worker: Option<String>,
+    /// Longest a script may run without yielding.
+    pub time_budget: Option<String>,
+    /// Memory ceiling of each worker's Lua state.
+    pub memory_limit: Option<Scalar>,
+    /// Sandbox grants: os_execute, io_popen, native_modules.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Variables scripts may set with `ngx.var.NAME = v` (nginx's `set $NAME`), with their initial value.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+}
+
+/// Per-route phase scripts (`routes[i].lua`): a file path ending in .lua, or inline code.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteLuaCfg {
+    pub rewrite: Option<String>,
+    pub access: Option<String>,
+    pub content: Option<String>,
+    pub balancer: Option<String>,
+    pub header_filter: Option<String>,
+    pub body_filter: Option<String>,
+    pub log: Option<String>,
 }
 
 /// A YAML scalar that may be written as a number or a string (`16k`, `auto`).
@@ -148,6 +183,7 @@ pub struct RouteCfg {
     pub timeout: Option<String>,
     pub client_max_body_size: Option<Scalar>,
     pub retry: Option<RetryCfg>,
+    pub lua: Option<RouteLuaCfg>,
 }
 
 #[derive(Debug, Default, Deserialize)]

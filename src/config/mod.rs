@@ -28,6 +28,10 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Lua syntax errors have no column: FILE:LINE: message, as Lua prints them.
+        if self.column == 0 {
+            return write!(f, "{}:{}: {}", self.file.display(), self.line, self.message);
+        }
         write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
     }
 }
@@ -66,9 +70,10 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
             }]));
         }
     };
-    compile::compile(parsed, path).map_err(|errors| {
+    compile::compile(parsed, path).map_err(|failed| {
         let locator = locate::Locator::new(&source);
-        let mut out: Vec<ConfigError> = errors
+        let mut out: Vec<ConfigError> = failed
+            .errors
             .into_iter()
             .map(|(key, message)| {
                 let pos = locator.find(&key);
@@ -81,6 +86,7 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
             })
             .collect();
         out.sort_by_key(|e| (e.line, e.column));
+        out.extend(failed.lua);
         ConfigErrors(out)
     })
 }

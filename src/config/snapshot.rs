@@ -30,6 +30,7 @@ pub struct Snapshot {
     pub routes: Vec<Arc<Route>>,
     pub table: RouteTable,
     pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub lua: crate::lua::Settings,
     /// Files besides the config itself whose change triggers a reload (TLS certificates and keys).
     pub files: Vec<PathBuf>,
 }
@@ -84,9 +85,17 @@ pub struct Route {
     pub client_max_body_size: u64,
     /// Peers to try in all when connecting fails (1 = no retry).
     pub tries: u32,
+    /// Phase scripts, if the route has any.
+    pub lua: Option<Arc<crate::lua::RouteLua>>,
 }
 
 pub enum Action {
     Proxy(Arc<Upstream>),
-    Return { status: StatusCode, headers: HeaderMap, body: Bytes },
+    /// The route's `lua.content` script answers.
+    Content,
+    Return {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
 }

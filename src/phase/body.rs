@@ -17,9 +17,12 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::BoxError;
+use crate::lua::request::Shared;
+use crate::lua::{Outcome, Phase, Runtime, Script};
 use crate::observe::access_log::LogRecord;
 use crate::protocol::grpc::{self, Code};
 use crate::upstream::balancer::InFlight;
+use std::sync::Arc;
 
 /// What the request body tells the rest of the request.
 #[derive(Debug, Default)]
@@ -148,14 +151,46 @@ pub struct ResponseBody {
     idle: Option<Pin<Box<Sleep>>>,
     deadline: Option<Pin<Box<Sleep>>>,
     log: Option<LogRecord>,
+    lua: Option<Box<LuaTail>>,
     _in_flight: Option<InFlight>,
+}
+
+type PhaseFuture = Pin<Box<dyn Future<Output = Outcome>>>;
+
+/// A route's body_filter and log scripts, run as the body streams and after it.
+pub struct LuaTail {
+    pub runtime: Rc<Runtime>,
+    pub req: Shared,
+    pub body_filter: Option<Arc<Script>>,
+    pub log: Option<Arc<Script>>,
+    running: Option<PhaseFuture>,
+    /// The filter has seen eof: nothing more to filter.
+    filtered_eof: bool,
+    held_trailers: Option<HeaderMap>,
+}
+
+impl LuaTail {
+    pub fn new(runtime: Rc<Runtime>, req: Shared, body_filter: Option<Arc<Script>>, log: Option<Arc<Script>>) -> Self {
+        Self { runtime, req, body_filter, log, running: None, filtered_eof: false, held_trailers: None }
+    }
+
+    fn start_filter(&mut self, chunk: Bytes, eof: bool) {
+        let Some(script) = self.body_filter.clone() else { return };
+        {
+            let mut r = self.req.borrow_mut();
+            r.chunk = Some(chunk);
+            r.chunk_eof = eof;
+        }
+        let (rt, req) = (Rc::clone(&self.runtime), Rc::clone(&self.req));
+        self.running = Some(Box::pin(async move { rt.run(Phase::BodyFilter, &script, &req).await }));
+    }
 }
 
 impl ResponseBody {
     /// A body made by luagate itself.
     pub fn full(body: Bytes, log: Option<LogRecord>) -> Self {
         let inner = Inner::Full((!body.is_empty()).then_some(body));
-        Self { inner, grpc: false, read_timeout: None, idle: None, deadline: None, log, _in_flight: None }
+        Self { inner, grpc: false, read_timeout: None, idle: None, deadline: None, log, lua: None, _in_flight: None }
     }
 
     /// A streamed upstream body. `deadline` ends it (gRPC: with
@@ -175,8 +210,33 @@ impl ResponseBody {
             idle: None,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             log: Some(log),
+            lua: None,
             _in_flight: Some(in_flight),
         }
+    }
+
+    /// The status the log line reports (after header_filter changed it).
+    pub fn set_status(&mut self, status: u16) {
+        if let Some(log) = &mut self.log {
+            log.status = status;
+        }
+    }
+
+    pub fn set_error(&mut self, msg: String) {
+        if let Some(log) = &mut self.log {
+            log.error = Some(msg);
+        }
+    }
+
+    /// Take the log record away (the body will not be sent).
+    pub fn take_log(&mut self) -> Option<LogRecord> {
+        self.log.take()
+    }
+
+    /// Run the route's body_filter on each chunk and its log script at the end.
+    pub fn with_lua(mut self, tail: LuaTail) -> Self {
+        self.lua = Some(Box::new(tail));
+        self
     }
 
     /// End a gRPC stream with a status in trailers instead of the upstream's.
@@ -185,7 +245,6 @@ impl ResponseBody {
         t.insert("grpc-status", code.header_value());
         t.insert("grpc-message", grpc::encode_message(msg));
         if let Some(log) = &mut self.log {
-            log.grpc_status = Some(code as u32);
             log.error = Some(msg.to_string());
         }
         self.inner = Inner::Trailers(None);
@@ -201,6 +260,94 @@ impl ResponseBody {
         self.inner = Inner::Trailers(None);
         Poll::Ready(Some(Err(err.into())))
     }
+
+    /// The next frame from the source, with deadline and read timeout applied.
+    fn poll_source(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(d) = &mut self.deadline {
+            if d.as_mut().poll(cx).is_ready() {
+                return if self.grpc {
+                    self.end_grpc(Code::DeadlineExceeded, "deadline exceeded")
+                } else {
+                    self.fail(BodyError::Deadline)
+                };
+            }
+        }
+        let polled = match &mut self.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Trailers(t) => Poll::Ready(t.take().map(|t| Ok(Frame::trailers(t)))),
+            Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map(|o| o.map(|r| r.map_err(BoxError::from))),
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.idle = None;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                let Some(read) = self.read_timeout else { return Poll::Pending };
+                let idle = self.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(read)));
+                ready!(idle.as_mut().poll(cx));
+                if self.grpc {
+                    self.end_grpc(Code::Unavailable, "upstream read timeout")
+                } else {
+                    self.fail(BodyError::ReadTimeout(read))
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The next frame after the Lua body_filter (if any) had its say.
+    fn poll_filtered(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let Some(tail) = self.lua.as_mut().filter(|t| t.body_filter.is_some()) else {
+                return self.poll_source(cx);
+            };
+            if let Some(running) = &mut tail.running {
+                let outcome = ready!(running.as_mut().poll(cx));
+                tail.running = None;
+                if let Outcome::Error(msg) = outcome {
+                    if let Some(log) = &mut self.log {
+                        log.error = Some(msg);
+                    }
+                    self.inner = Inner::Trailers(None);
+                    return Poll::Ready(Some(Err("body_filter failed".into())));
+                }
+                let (chunk, eof) = {
+                    let mut r = tail.req.borrow_mut();
+                    (r.chunk.take().unwrap_or_default(), r.chunk_eof)
+                };
+                if eof {
+                    tail.filtered_eof = true;
+                }
+                if !chunk.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                continue;
+            }
+            if tail.filtered_eof {
+                let trailers = tail.held_trailers.take();
+                self.inner = Inner::Trailers(None);
+                return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+            }
+            match ready!(self.poll_source(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.lua.as_mut().map_or((), |t| t.start_filter(data, false)),
+                    Err(frame) => {
+                        if let (Some(tail), Ok(t)) = (self.lua.as_mut(), frame.into_trailers()) {
+                            tail.held_trailers = Some(t);
+                            tail.start_filter(Bytes::new(), true);
+                        }
+                    }
+                },
+                None => {
+                    if let Some(tail) = self.lua.as_mut() {
+                        tail.start_filter(Bytes::new(), true);
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            }
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -209,50 +356,21 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(d) = &mut this.deadline {
-            if d.as_mut().poll(cx).is_ready() {
-                return if this.grpc {
-                    this.end_grpc(Code::DeadlineExceeded, "deadline exceeded")
-                } else {
-                    this.fail(BodyError::Deadline)
-                };
+        let polled = this.poll_filtered(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(log)) = (&polled, &mut this.log) {
+            if let Some(data) = frame.data_ref() {
+                log.bytes_sent += data.len() as u64;
+            } else if let Some(t) = frame.trailers_ref() {
+                log.grpc_status = grpc_status(t).or(log.grpc_status);
             }
         }
-        let polled = match &mut this.inner {
-            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Trailers(t) => Poll::Ready(t.take().map(|t| Ok(Frame::trailers(t)))),
-            Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BoxError::from(e)))),
-                other => other.map(|o| o.map(|r| r.map_err(BoxError::from))),
-            },
-        };
-        match polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.idle = None;
-                if let Some(log) = &mut this.log {
-                    if let Some(data) = frame.data_ref() {
-                        log.bytes_sent += data.len() as u64;
-                    } else if let Some(t) = frame.trailers_ref() {
-                        log.grpc_status = grpc_status(t).or(log.grpc_status);
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Pending => {
-                let Some(read) = this.read_timeout else { return Poll::Pending };
-                let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(read)));
-                ready!(idle.as_mut().poll(cx));
-                if this.grpc {
-                    this.end_grpc(Code::Unavailable, "upstream read timeout")
-                } else {
-                    this.fail(BodyError::ReadTimeout(read))
-                }
-            }
-            other => other,
-        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.lua.as_ref().is_some_and(|t| t.body_filter.is_some() && !t.filtered_eof) {
+            return false;
+        }
         match &self.inner {
             Inner::Full(b) => b.is_none(),
             Inner::Trailers(t) => t.is_none(),
@@ -261,6 +379,9 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.lua.as_ref().is_some_and(|t| t.body_filter.is_some()) {
+            return SizeHint::default();
+        }
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Trailers(_) => SizeHint::default(),
@@ -271,9 +392,25 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        if let Some(log) = self.log.take() {
+        let log = self.log.take();
+        if let Some(log) = &log {
             log.emit();
         }
+        let Some(tail) = self.lua.take() else { return };
+        let Some(script) = tail.log.clone() else { return };
+        {
+            let mut r = tail.req.borrow_mut();
+            if let Some(log) = &log {
+                r.bytes_sent = log.bytes_sent;
+                if r.resp.status == 0 {
+                    r.resp.status = log.status;
+                }
+            }
+        }
+        // The log phase runs after the response, on its own task: it never delays the client.
+        tokio::task::spawn_local(async move {
+            tail.runtime.run(Phase::Log, &script, &tail.req).await;
+        });
     }
 }
 

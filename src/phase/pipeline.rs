@@ -20,6 +20,7 @@ use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
 use super::body::{self, RequestStream, RequestTally, ResponseBody, UpstreamBody};
+use super::lua::{ClientBody, Flow, LuaBalancer, LuaCtx};
 use super::{headers, respond};
 use crate::config::snapshot::{Action, Listener, Route};
 use crate::config::Snapshot;
@@ -102,21 +103,51 @@ pub async fn handle(
     if let Some(log) = &mut guard.0 {
         log.route = Some(Arc::from(route.name.as_str()));
     }
-    match &route.action {
+    let Some(scripts) = &route.lua else {
+        return Ok(match &route.action {
+            Action::Proxy(upstream) => {
+                let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
+                ctx.run(parts, ClientBody::Stream(body), None, &mut guard).await.0
+            }
+            action => answer(action, guard.0.take()),
+        });
+    };
+    let lua = match LuaCtx::start(&snap, &route, scripts, parts, body, &conn, is_grpc) {
+        Ok(l) => l,
+        Err(e) => return Ok(respond::error(&e, is_grpc, guard.0.take())),
+    };
+    if let Flow::Respond(resp) = lua.request_phases(&mut guard.0).await {
+        return Ok(lua.respond(resp, None).await);
+    }
+    Ok(match &route.action {
+        Action::Content => {
+            let resp = lua.content(guard.0.take()).await;
+            lua.respond(resp, None).await
+        }
+        Action::Proxy(upstream) => {
+            let (parts, body) = lua.take_request();
+            let balancer = lua.balancer();
+            let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
+            let (resp, upstream) = ctx.run(parts, body, balancer.as_ref(), &mut guard).await;
+            lua.respond(resp, upstream).await
+        }
+        action => lua.respond(answer(action, guard.0.take()), None).await,
+    })
+}
+
+/// A route that answers by itself (`return`), or a content route reached without its script.
+fn answer(action: &Action, mut log: Option<LogRecord>) -> Response<ResponseBody> {
+    match action {
         Action::Return { status, headers, body } => {
-            let mut log = guard.0.take();
             if let Some(log) = &mut log {
                 log.status = status.as_u16();
             }
             let mut resp = Response::new(ResponseBody::full(body.clone(), log));
             *resp.status_mut() = *status;
             *resp.headers_mut() = headers.clone();
-            Ok(resp)
+            resp
         }
-        Action::Proxy(upstream) => {
-            let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
-            Ok(ctx.run(parts, body, &mut guard).await)
-        }
+        _ => respond::error(&ProxyError::Lua("route has no answer".into()), false, log),
     }
 }
 
@@ -131,12 +162,14 @@ struct Proxy<'a> {
 }
 
 impl Proxy<'_> {
+    /// Forward the request; the response, and the peer and its time when one answered.
     async fn run(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
+        balancer: Option<&LuaBalancer>,
         guard: &mut LogGuard,
-    ) -> Response<ResponseBody> {
+    ) -> (Response<ResponseBody>, Option<(SocketAddr, Duration)>) {
         let up = self.upstream;
         if let Some(log) = &mut guard.0 {
             log.upstream = Some(Arc::from(up.name.as_str()));
@@ -144,7 +177,7 @@ impl Proxy<'_> {
         let limit = self.route.client_max_body_size;
         let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if limit > 0 && declared.is_some_and(|n| n > limit) {
-            return respond::error(&ProxyError::BodyTooLarge { limit }, self.is_grpc, guard.0.take());
+            return (respond::error(&ProxyError::BodyTooLarge { limit }, self.is_grpc, guard.0.take()), None);
         }
 
         let deadline = self.deadline(&parts);
@@ -182,13 +215,21 @@ impl Proxy<'_> {
         }
 
         let tally = Rc::new(RequestTally::default());
-        let upstream_body = if body.is_end_stream() {
-            UpstreamBody::Empty
-        } else {
-            UpstreamBody::Stream(RequestStream::new(body, limit, up.timeouts.send, Rc::clone(&tally)))
+        let upstream_body = match body {
+            ClientBody::Stream(body) if body.is_end_stream() => UpstreamBody::Empty,
+            ClientBody::Stream(body) => {
+                UpstreamBody::Stream(RequestStream::new(body, limit, up.timeouts.send, Rc::clone(&tally)))
+            }
+            ClientBody::Read(bytes) => {
+                tally.bytes.set(bytes.len() as u64);
+                if !bytes.is_empty() {
+                    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                }
+                UpstreamBody::Full((!bytes.is_empty()).then_some(bytes))
+            }
         };
         let req = Request::from_parts(parts, upstream_body);
-        let calling = call::call(&self.worker.pool, up, req, real_ip, hash_key.as_deref(), self.route.tries);
+        let calling = call::call(&self.worker.pool, up, req, real_ip, hash_key.as_deref(), self.route.tries, balancer);
         let result = match deadline {
             Some((at, after)) => match tokio::time::timeout_at(at, calling).await {
                 Ok(r) => r,
@@ -204,13 +245,13 @@ impl Proxy<'_> {
             Err(e) => {
                 let e = if tally.limit_hit.get() { ProxyError::BodyTooLarge { limit } } else { e };
                 tracing::warn!(route = %self.route.name, error = %e, "request failed");
-                return respond::error(&e, self.is_grpc, guard.0.take());
+                return (respond::error(&e, self.is_grpc, guard.0.take()), None);
             }
         };
         let (mut head, incoming) = answer.response.into_parts();
         headers::strip_hop_by_hop(&mut head.headers, false);
         let Some(mut log) = guard.0.take() else {
-            return respond::error(&ProxyError::ClientGone, self.is_grpc, None);
+            return (respond::error(&ProxyError::ClientGone, self.is_grpc, None), None);
         };
         log.peer = Some(answer.peer);
         log.status = head.status.as_u16();
@@ -224,7 +265,7 @@ impl Proxy<'_> {
             log,
             answer.in_flight,
         );
-        Response::from_parts(head, body)
+        (Response::from_parts(head, body), Some((answer.peer, answer.elapsed)))
     }
 
     /// The request's deadline: the route's timeout, capped further by the

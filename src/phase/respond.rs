@@ -11,6 +11,14 @@ use crate::error::ProxyError;
 use crate::observe::access_log::LogRecord;
 use crate::protocol::grpc::{self, Code};
 
+/// nginx's built-in error page for `status`, as `ngx.exit(status)` answers without output.
+pub fn error_page(status: StatusCode) -> Bytes {
+    let title = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    Bytes::from(format!(
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>luagate</center>\r\n</body>\r\n</html>\r\n"
+    ))
+}
+
 /// HTTP status and gRPC code for each error.
 pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
     match err {
@@ -23,6 +31,7 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
         | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, Code::Unavailable),
         ProxyError::ReadTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable),
         ProxyError::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
+        ProxyError::Lua(_) => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         // nginx's 499: the client closed the request.
         ProxyError::ClientGone => (StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST), Code::Cancelled),
     }
@@ -35,7 +44,7 @@ pub fn error(err: &ProxyError, is_grpc: bool, mut log: Option<LogRecord>) -> Res
         log.error = Some(err.to_string());
     }
     if is_grpc {
-        return grpc_status(code, &err.to_string(), log);
+        return grpc_status(code as u32, &err.to_string(), log);
     }
     if let Some(log) = &mut log {
         log.status = status.as_u16();
@@ -49,15 +58,15 @@ pub fn error(err: &ProxyError, is_grpc: bool, mut log: Option<LogRecord>) -> Res
 }
 
 /// A trailers-only gRPC answer.
-pub fn grpc_status(code: Code, message: &str, mut log: Option<LogRecord>) -> Response<ResponseBody> {
+pub fn grpc_status(code: u32, message: &str, mut log: Option<LogRecord>) -> Response<ResponseBody> {
     if let Some(log) = &mut log {
         log.status = 200;
-        log.grpc_status = Some(code as u32);
+        log.grpc_status = Some(code);
     }
     let mut resp = Response::new(ResponseBody::full(Bytes::new(), log));
     let h = resp.headers_mut();
     h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert("grpc-status", code.header_value());
+    h.insert("grpc-status", HeaderValue::from(code));
     h.insert("grpc-message", grpc::encode_message(message));
     resp
 }

@@ -26,6 +26,20 @@ impl Code {
     }
 }
 
+/// The gRPC status for an HTTP status, as the gRPC spec maps them
+/// (`doc/http-grpc-status-mapping.md`).
+pub fn from_http_status(status: u16) -> u32 {
+    match status {
+        200 => 0,
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
 /// True for gRPC calls (`application/grpc`, `application/grpc+proto`, …), not gRPC-Web.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {

@@ -8,8 +8,9 @@
 //! # Precedence
 //!
 //! 1. **Listener.** A route with a `listener` matches only requests that
-//!    arrive on the listener of that name; a route without one matches on
-//!    every listener.
+//!    arrive on the listener of that name. As with nginx's `listen` in a
+//!    `server` block, a listener that some route names is served by those
+//!    routes alone; routes without a listener serve the other listeners.
 //! 2. **Host**, like nginx `server_name`. Among the routes left, one host
 //!    group is chosen by the best match of the request's host:
 //!    1. an exact name (`api.example.com`);
@@ -166,7 +167,7 @@ pub struct RouteTable {
     routes: Vec<RouteMatch>,
     /// For listeners that no route names: only routes without a listener.
     any_listener: HostIndex,
-    /// For each listener some route names: its routes and those without one.
+    /// For each listener some route names: only the routes naming it.
     by_listener: HashMap<String, HostIndex>,
 }
 
@@ -176,7 +177,7 @@ impl RouteTable {
         let by_listener = names
             .into_iter()
             .map(|name| {
-                let index = HostIndex::new(&routes, |r| r.listener.as_deref().is_none_or(|l| l == name));
+                let index = HostIndex::new(&routes, |r| r.listener.as_deref() == Some(name));
                 (name.to_owned(), index)
             })
             .collect();
@@ -587,7 +588,7 @@ mod tests {
         let t = table(vec![on("admin", prefix("/")), prefix("/api"), on("public", prefix("/api/v1"))]);
         let mut req = Req::new("example.com", "/api/v1/x");
         req.listener = "admin";
-        assert_eq!(req.on(&t), Some(1));
+        assert_eq!(req.on(&t), Some(0), "a named listener is served by its own routes only");
         req.listener = "public";
         assert_eq!(req.on(&t), Some(2));
         req.listener = "other";
@@ -605,6 +606,9 @@ mod tests {
         assert_eq!(req.on(&t), Some(0));
         req.listener = "internal";
         assert_eq!(req.on(&t), Some(1));
+        let mut other = Req::new("other.example.com", "/");
+        other.listener = "internal";
+        assert_eq!(other.on(&t), None, "routes without a listener do not serve a named one");
     }
 
     #[test]

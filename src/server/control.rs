@@ -45,6 +45,7 @@ pub async fn run(config: PathBuf, generation: watch::Sender<u64>, stop: watch::S
         }
     }
     tracing::info!(grace = ?reload::current().shutdown_grace, "shutting down: no new connections, finishing in-flight requests");
+    super::STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop.send(true);
     Ok(())
 }

@@ -84,3 +84,10 @@ pub fn run(config_path: PathBuf) -> anyhow::Result<()> {
     observe::access_log::close();
     Ok(())
 }
+
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once a graceful shutdown has begun (`ngx.worker.exiting()`).
+pub fn stopping() -> bool {
+    STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -12,11 +12,12 @@ use std::time::Instant;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use super::balancer::{InFlight, PickInput};
+use super::balancer::{InFlight, Peer, PickInput};
 use super::pool::{Conn, Pool};
-use super::Upstream;
+use super::{Timeouts, Upstream};
 use crate::error::ProxyError;
 use crate::phase::body::UpstreamBody;
+use crate::phase::lua::LuaBalancer;
 
 /// A response head from a peer, with what the log and the body need.
 pub struct Answer {
@@ -34,18 +35,41 @@ pub async fn call(
     client_ip: IpAddr,
     hash_key: Option<&[u8]>,
     tries: u32,
+    lua: Option<&LuaBalancer>,
 ) -> Result<Answer, ProxyError> {
     let mut tried: Vec<usize> = Vec::new();
-    let mut last_err = None;
-    for _ in 0..tries.max(1) {
-        let input = PickInput { client_ip, hash_key, tried: &tried, down: &[] };
-        let Some(i) = upstream.balancer.pick(&upstream.peers, &input) else { break };
-        tried.push(i);
-        let peer = &upstream.peers[i];
-        let conn = match pool
-            .checkout(peer.addr, upstream.protocol, upstream.keepalive, upstream.timeouts.connect)
-            .await
-        {
+    let mut last_err: Option<ProxyError> = None;
+    let mut tries = tries.max(1);
+    let mut attempt = 0;
+    while attempt < tries {
+        attempt += 1;
+        let mut timeouts = upstream.timeouts;
+        let chosen = match lua {
+            Some(lb) => {
+                let failure = last_err.as_ref().map(|_| ("failed", 502));
+                let choice = lb.pick(failure).await?;
+                tries = tries.max(1 + choice.more_tries);
+                let (c, s, r) = choice.timeouts;
+                timeouts = Timeouts {
+                    connect: c.unwrap_or(timeouts.connect),
+                    send: s.unwrap_or(timeouts.send),
+                    read: r.unwrap_or(timeouts.read),
+                };
+                choice.peer.map(|addr| Peer { addr, weight: 1, stats: super::peer_stats(addr) })
+            }
+            None => None,
+        };
+        let peer = match chosen {
+            Some(p) => p,
+            None => {
+                let input = PickInput { client_ip, hash_key, tried: &tried, down: &[] };
+                let Some(i) = upstream.balancer.pick(&upstream.peers, &input) else { break };
+                tried.push(i);
+                upstream.peers[i].clone()
+            }
+        };
+        let peer = &peer;
+        let conn = match pool.checkout(peer.addr, upstream.protocol, upstream.keepalive, timeouts.connect).await {
             Ok(c) => c,
             Err(e) if e.is_retryable() => {
                 tracing::warn!(upstream = %upstream.name, peer = %peer.addr, error = %e, "peer failed, trying the next one");
@@ -56,7 +80,7 @@ pub async fn call(
         };
         let in_flight = peer.stats.start();
         let sent = Instant::now();
-        let read = upstream.timeouts.read;
+        let read = timeouts.read;
         let result = match conn {
             Conn::H1(mut sender) => {
                 let sending = sender.try_send_request(req);

@@ -1,0 +1,182 @@
+//! The request as Lua sees it, and which request that is right now.
+//!
+//! All of a worker's requests share one Lua state; a callback such as
+//! `ngx.req.get_headers` acts on the request whose coroutine is being
+//! resumed. [`Scoped`] wraps a phase's future and publishes its request in a
+//! thread-local slot for the duration of each poll (and starts the budget
+//! clock), so no lookup by coroutine is needed.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+
+use super::{budget, Phase};
+
+/// The response a script builds (content phase, `ngx.exit`, `ngx.say`) or
+/// sees and changes (header_filter).
+#[derive(Debug, Default)]
+pub struct LuaResponse {
+    /// 0 until set.
+    pub status: u16,
+    pub headers: HeaderMap,
+    /// What `ngx.say` / `ngx.print` wrote.
+    pub body: BytesMut,
+    /// `ngx.eof()` was called: no more output.
+    pub eof: bool,
+}
+
+/// What the balancer phase asked for.
+#[derive(Debug, Default, Clone)]
+pub struct BalancerChoice {
+    pub peer: Option<SocketAddr>,
+    pub more_tries: u32,
+    pub connect_timeout: Option<Duration>,
+    pub send_timeout: Option<Duration>,
+    pub read_timeout: Option<Duration>,
+    /// ("failed" | "next", status) of the previous try, for `get_last_failure`.
+    pub last_failure: Option<(&'static str, u16)>,
+}
+
+/// What the upstream did, for `ngx.var.upstream_*` in later phases.
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamInfo {
+    pub addr: Option<SocketAddr>,
+    pub status: Option<u16>,
+    pub response_time: Option<Duration>,
+}
+
+pub struct LuaRequest {
+    pub parts: http::request::Parts,
+    /// The request body once `ngx.req.read_body()` read it, or set by `set_body_data`.
+    pub body: Option<Bytes>,
+    /// The unread client body, until `read_body` takes it.
+    pub incoming: Option<hyper::body::Incoming>,
+    pub body_read: bool,
+    /// The route's client_max_body_size (0 = none), for `read_body`.
+    pub body_limit: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub tls: bool,
+    pub start: Instant,
+    /// Wall-clock start, seconds since the epoch (for `ngx.req.start_time`).
+    pub start_epoch: f64,
+    pub phase: Phase,
+    pub route: Arc<str>,
+    pub ctx: Option<mlua::Table>,
+    pub resp: LuaResponse,
+    /// `ngx.exit(code)` was called with this code.
+    pub exit: Option<i64>,
+    /// `luagate.grpc.exit(code, message)`: answer with this gRPC status.
+    pub grpc_exit: Option<(u32, String)>,
+    /// Values of declared variables (`lua.variables`) set by scripts.
+    pub vars: HashMap<String, String>,
+    pub upstream: UpstreamInfo,
+    pub balancer: BalancerChoice,
+    pub grpc: Option<(String, String)>,
+    /// body_filter's `ngx.arg[1]`, `ngx.arg[2]`.
+    pub chunk: Option<Bytes>,
+    pub chunk_eof: bool,
+    /// Bytes sent to the client so far (log phase).
+    pub bytes_sent: u64,
+}
+
+impl LuaRequest {
+    pub fn new(
+        parts: http::request::Parts,
+        client: SocketAddr,
+        server: SocketAddr,
+        tls: bool,
+        route: Arc<str>,
+    ) -> Self {
+        let start_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0);
+        let grpc = crate::protocol::grpc::is_grpc(&parts.headers)
+            .then(|| crate::protocol::grpc::parse_path(parts.uri.path()))
+            .flatten()
+            .map(|(s, m)| (s.to_string(), m.to_string()));
+        Self {
+            parts,
+            body: None,
+            incoming: None,
+            body_read: false,
+            body_limit: 0,
+            client,
+            server,
+            tls,
+            start: Instant::now(),
+            start_epoch,
+            phase: Phase::Rewrite,
+            route,
+            ctx: None,
+            resp: LuaResponse::default(),
+            exit: None,
+            grpc_exit: None,
+            vars: HashMap::new(),
+            upstream: UpstreamInfo::default(),
+            balancer: BalancerChoice::default(),
+            grpc,
+            chunk: None,
+            chunk_eof: false,
+            bytes_sent: 0,
+        }
+    }
+}
+
+pub type Shared = Rc<RefCell<LuaRequest>>;
+
+thread_local! {
+    static CURRENT: RefCell<Option<Shared>> = const { RefCell::new(None) };
+}
+
+/// The request being served by the running coroutine, if any.
+pub fn current() -> Option<Shared> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Run `f` on the current request; outside a request (init_worker, timers)
+/// the error names the API, as OpenResty's "API disabled" does.
+pub fn with<R>(api: &str, f: impl FnOnce(&mut LuaRequest) -> R) -> mlua::Result<R> {
+    let req = current().ok_or_else(|| {
+        mlua::Error::RuntimeError(format!("API disabled in the current context: {api} needs a request"))
+    })?;
+    let mut r = req.try_borrow_mut().map_err(|_| mlua::Error::RuntimeError(format!("{api}: request busy")))?;
+    Ok(f(&mut r))
+}
+
+pin_project_lite::pin_project! {
+    /// A phase's future with its request published while it is polled.
+    pub struct Scoped<F> {
+        req: Option<Shared>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Scoped<F> {
+    pub fn new(req: Option<Shared>, inner: F) -> Self {
+        Self { req, inner }
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let previous = CURRENT.with(|c| c.replace(this.req.clone()));
+        let _slice = budget::Slice::start();
+        let out = this.inner.poll(cx);
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+        out
+    }
+}

@@ -1,0 +1,208 @@
+//! A worker's Lua state and how a phase runs on it.
+//!
+//! One state per worker thread, created on first use. Scripts compile into
+//! functions once per worker and stay cached by script id (a reload
+//! recompiles only changed scripts). Each phase call runs as a coroutine
+//! (`call_async`), wrapped in [`Scoped`] so callbacks find their request and
+//! the budget clock runs only while Lua does.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
+
+use super::compile::lua_message;
+use super::request::{Scoped, Shared};
+use super::{budget, ngx, Phase, Script, Settings};
+
+/// How a phase ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The phase ran to its end (or `ngx.exit(ngx.OK)` in rewrite/access).
+    Continue,
+    /// `ngx.exit(code)` / `ngx.redirect` with a status ≥ 200 or ngx.ERROR; or a content phase that finished.
+    Exit(i64),
+    /// A Lua error, a stopped runaway script or memory exhaustion: already logged with file:line.
+    Error(String),
+}
+
+pub struct Runtime {
+    lua: Lua,
+    functions: RefCell<HashMap<u64, Function>>,
+    generation: Cell<u64>,
+    /// Keeps alive the coroutine whose `lua_State` the budget watchdog hooks.
+    _anchor: mlua::Thread,
+}
+
+thread_local! {
+    static RUNTIME: RefCell<Option<Rc<Runtime>>> = const { RefCell::new(None) };
+    static WORKER: Cell<(usize, usize)> = const { Cell::new((0, 1)) };
+}
+
+/// Tell this thread which worker it is (for `ngx.worker.id/count`).
+pub fn set_worker(id: usize, count: usize) {
+    WORKER.with(|w| w.set((id, count)));
+}
+
+pub fn worker() -> (usize, usize) {
+    WORKER.with(|w| w.get())
+}
+
+/// This worker's runtime, created on first use and brought up to date with
+/// the snapshot (`generation`, `settings`).
+pub fn get(generation: u64, settings: &Settings) -> mlua::Result<Rc<Runtime>> {
+    let rt = RUNTIME.with(|r| r.borrow().clone());
+    let rt = match rt {
+        Some(rt) => rt,
+        None => {
+            let rt = Rc::new(Runtime::new(settings)?);
+            RUNTIME.with(|r| *r.borrow_mut() = Some(Rc::clone(&rt)));
+            rt
+        }
+    };
+    if rt.generation.get() != generation {
+        rt.generation.set(generation);
+        rt.apply(settings)?;
+    }
+    Ok(rt)
+}
+
+/// Lua code run once per state: `pcall`/`xpcall` that cannot swallow
+/// `ngx.exit` or a stopped runaway script.
+const PRELUDE: &str = r#"
+local fatal = ...
+local raw_pcall, raw_xpcall, error, select = pcall, xpcall, error, select
+local function pass(ok, ...)
+    if not ok and fatal((...)) then error((...), 0) end
+    return ok, ...
+end
+pcall = function(f, ...) return pass(raw_pcall(f, ...)) end
+xpcall = function(f, handler, ...)
+    return pass(raw_xpcall(f, function(e) if fatal(e) then return e end return handler(e) end, ...))
+end
+"#;
+
+impl Runtime {
+    fn new(settings: &Settings) -> mlua::Result<Self> {
+        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
+        sandbox(&lua, settings)?;
+        let fatal = lua.create_function(|_, _err: Value| Ok(budget::tripped() || ngx::resp::exiting()))?;
+        lua.load(PRELUDE).set_name("=luagate.prelude").call::<()>(fatal)?;
+        ngx::register(&lua, settings)?;
+        let anchor = lua.create_thread(lua.create_function(|_, ()| Ok(()))?)?;
+        // SAFETY: the anchor thread lives as long as this runtime, which lives
+        // as long as the worker thread that registers it.
+        unsafe { budget::register(anchor.state(), settings.time_budget) };
+        let _ = lua.set_memory_limit(settings.memory_limit);
+        Ok(Self { lua, functions: RefCell::new(HashMap::new()), generation: Cell::new(0), _anchor: anchor })
+    }
+
+    pub fn lua(&self) -> &Lua {
+        &self.lua
+    }
+
+    /// Bring the state up to date after a reload: package.path, shared dicts,
+    /// budget, memory ceiling; forget functions of scripts no longer used;
+    /// run `init_worker`.
+    fn apply(&self, settings: &Settings) -> mlua::Result<()> {
+        let package: Table = self.lua.globals().get("package")?;
+        package.set("path", settings.package_path.as_str())?;
+        ngx::on_reload(&self.lua, settings)?;
+        budget::set_budget(settings.time_budget);
+        let _ = self.lua.set_memory_limit(settings.memory_limit);
+        if self.functions.borrow().len() > 4096 {
+            self.functions.borrow_mut().clear();
+        }
+        if let Some(init) = settings.init_worker.clone() {
+            let rt = self.function(&init);
+            match rt {
+                Ok(f) => {
+                    tokio::task::spawn_local(async move {
+                        let fut = Scoped::new(None, f.call_async::<()>(()));
+                        if let Err(e) = fut.await {
+                            tracing::error!(target: "lua", script = %init.name, "init_worker failed: {}", lua_message(&e));
+                        }
+                    });
+                }
+                Err(e) => tracing::error!(target: "lua", script = %init.name, "init_worker: {}", lua_message(&e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The compiled function of `script` (cached per worker).
+    pub fn function(&self, script: &Script) -> mlua::Result<Function> {
+        if let Some(f) = self.functions.borrow().get(&script.id) {
+            return Ok(f.clone());
+        }
+        let f = self.lua.load(&script.source[..]).set_name(format!("@{}", script.name)).into_function()?;
+        self.functions.borrow_mut().insert(script.id, f.clone());
+        Ok(f)
+    }
+
+    /// Run `script` as `phase` of `req` to its end.
+    pub async fn run(&self, phase: Phase, script: &Arc<Script>, req: &Shared) -> Outcome {
+        {
+            let mut r = req.borrow_mut();
+            r.phase = phase;
+            r.exit = None;
+        }
+        let f = match self.function(script) {
+            Ok(f) => f,
+            Err(e) => return self.failed(phase, script, &e),
+        };
+        let result = Scoped::new(Some(Rc::clone(req)), f.call_async::<()>(())).await;
+        let exit = req.borrow().exit;
+        match result {
+            Ok(()) => match exit {
+                Some(code) if code != 0 || phase == Phase::Content => Outcome::Exit(code),
+                _ if phase == Phase::Content => Outcome::Exit(0),
+                _ => Outcome::Continue,
+            },
+            Err(e) => {
+                if budget::take_tripped() {
+                    let msg = format!("{}: {} phase stopped: time budget exceeded", script.name, phase.name());
+                    tracing::error!(target: "lua", route = %req.borrow().route, "{msg}");
+                    return Outcome::Error(msg);
+                }
+                match exit {
+                    Some(0) if phase != Phase::Content => Outcome::Continue,
+                    Some(code) => Outcome::Exit(code),
+                    None => self.failed(phase, script, &e),
+                }
+            }
+        }
+    }
+
+    fn failed(&self, phase: Phase, script: &Script, e: &mlua::Error) -> Outcome {
+        let mut msg = lua_message(e);
+        if !msg.starts_with(&*script.name) {
+            msg = format!("{}: {msg}", script.name);
+        }
+        tracing::error!(target: "lua", phase = phase.name(), "lua error: {msg}");
+        Outcome::Error(msg)
+    }
+}
+
+/// Take away what scripts must not reach unless the config grants it.
+fn sandbox(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
+    let g = lua.globals();
+    let os: Table = g.get("os")?;
+    os.set("exit", Value::Nil)?;
+    if !settings.grants.os_execute {
+        os.set("execute", Value::Nil)?;
+    }
+    let io: Table = g.get("io")?;
+    if !settings.grants.io_popen {
+        io.set("popen", Value::Nil)?;
+    }
+    if !settings.grants.native_modules {
+        let package: Table = g.get("package")?;
+        package.set("cpath", "")?;
+        // The C loaders search package.cpath only: empty, they find nothing.
+        package.set("loadlib", Value::Nil)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! Where the pipeline meets Lua: a route's scripts run at their phases —
+//! rewrite and access before the upstream (either may answer), content
+//! instead of it, balancer at each try, header_filter on the response head,
+//! body_filter and log through the response body (`body::LuaTail`).
+//! Routes without scripts never come here.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::{LuaTail, ResponseBody};
+use super::pipeline::ConnInfo;
+use super::respond;
+use crate::config::snapshot::Route;
+use crate::config::Snapshot;
+use crate::error::ProxyError;
+use crate::lua::request::{LuaRequest, Shared};
+use crate::lua::{runtime, Outcome, Phase, RouteLua, Runtime, Script};
+use crate::observe::access_log::LogRecord;
+use crate::protocol::grpc;
+
+/// The request body after the Lua phases: still streaming, or read by `ngx.req.read_body` / set by a script.
+pub enum ClientBody {
+    Stream(Incoming),
+    Read(Bytes),
+}
+
+pub struct LuaCtx {
+    pub runtime: Rc<Runtime>,
+    pub req: Shared,
+    pub scripts: Arc<RouteLua>,
+    pub is_grpc: bool,
+}
+
+/// What the request phases decided.
+pub enum Flow {
+    Continue,
+    Respond(Response<ResponseBody>),
+}
+
+impl LuaCtx {
+    pub fn start(
+        snap: &Snapshot,
+        route: &Route,
+        scripts: &Arc<RouteLua>,
+        parts: http::request::Parts,
+        body: Incoming,
+        conn: &ConnInfo,
+        is_grpc: bool,
+    ) -> Result<Self, ProxyError> {
+        let runtime = runtime::get(snap.generation, &snap.lua).map_err(|e| {
+            tracing::error!(target: "lua", error = %e, "cannot start the Lua state");
+            ProxyError::Lua(format!("cannot start the Lua state: {e}"))
+        })?;
+        let mut parts = parts;
+        // HTTP/2 requests carry the host in the authority: scripts read it as the Host header.
+        if !parts.headers.contains_key(http::header::HOST) {
+            if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+        let mut r = LuaRequest::new(parts, conn.client, conn.listener.addr, conn.tls, Arc::from(route.name.as_str()));
+        r.incoming = Some(body);
+        r.body_limit = route.client_max_body_size;
+        Ok(Self { runtime, req: Rc::new(RefCell::new(r)), scripts: Arc::clone(scripts), is_grpc })
+    }
+
+    /// rewrite, then access: either may answer the request.
+    pub async fn request_phases(&self, log: &mut Option<LogRecord>) -> Flow {
+        for (phase, script) in [(Phase::Rewrite, &self.scripts.rewrite), (Phase::Access, &self.scripts.access)] {
+            let Some(script) = script else { continue };
+            match self.runtime.run(phase, script, &self.req).await {
+                Outcome::Continue => {}
+                Outcome::Exit(code) => return Flow::Respond(self.exit_response(code, log.take())),
+                Outcome::Error(msg) => {
+                    return Flow::Respond(respond::error(&ProxyError::Lua(msg), self.is_grpc, log.take()))
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The content phase answers instead of an upstream.
+    pub async fn content(&self, log: Option<LogRecord>) -> Response<ResponseBody> {
+        let Some(script) = &self.scripts.content else {
+            return respond::error(&ProxyError::Lua("route has no content script".into()), self.is_grpc, log);
+        };
+        match self.runtime.run(Phase::Content, script, &self.req).await {
+            Outcome::Continue => self.exit_response(0, log),
+            Outcome::Exit(code) => self.exit_response(code, log),
+            Outcome::Error(msg) => respond::error(&ProxyError::Lua(msg), self.is_grpc, log),
+        }
+    }
+
+    /// The answer for `ngx.exit(code)` (0 = the output so far, as a finished content phase).
+    fn exit_response(&self, code: i64, mut log: Option<LogRecord>) -> Response<ResponseBody> {
+        let mut r = self.req.borrow_mut();
+        if let Some((grpc_code, message)) = r.grpc_exit.take() {
+            return respond::grpc_status(grpc_code, &message, log);
+        }
+        if code == -1 {
+            return respond::error(&ProxyError::Lua("ngx.exit(ngx.ERROR)".into()), self.is_grpc, log);
+        }
+        let status = match code {
+            c if c >= 200 => c as u16,
+            _ if r.resp.status != 0 => r.resp.status,
+            _ => 200,
+        };
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if self.is_grpc && status != StatusCode::OK {
+            let reason = status.canonical_reason().unwrap_or("error");
+            return respond::grpc_status(grpc::from_http_status(status.as_u16()), reason, log);
+        }
+        let mut body = std::mem::take(&mut r.resp.body).freeze();
+        let mut headers = std::mem::take(&mut r.resp.headers);
+        // Like nginx: an exit with an error or redirect status and no output gets the built-in page.
+        if body.is_empty() && code >= 300 {
+            body = respond::error_page(status);
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        }
+        if !headers.contains_key(http::header::CONTENT_TYPE) && !body.is_empty() {
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        if let Some(log) = &mut log {
+            log.status = status.as_u16();
+        }
+        let mut resp = Response::new(ResponseBody::full(body, log));
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        resp
+    }
+
+    /// The request as the scripts left it, for the upstream.
+    pub fn take_request(&self) -> (http::request::Parts, ClientBody) {
+        let mut r = self.req.borrow_mut();
+        let body = match (r.body.clone(), r.incoming.take()) {
+            (Some(b), _) => ClientBody::Read(b),
+            (None, Some(i)) => ClientBody::Stream(i),
+            (None, None) => ClientBody::Read(Bytes::new()),
+        };
+        (r.parts.clone(), body)
+    }
+
+    pub fn balancer(&self) -> Option<LuaBalancer> {
+        self.scripts.balancer.clone().map(|script| LuaBalancer {
+            runtime: Rc::clone(&self.runtime),
+            script,
+            req: Rc::clone(&self.req),
+        })
+    }
+
+    /// header_filter on the response head; body_filter and log ride on the body.
+    pub async fn respond(
+        &self,
+        resp: Response<ResponseBody>,
+        upstream: Option<(SocketAddr, std::time::Duration)>,
+    ) -> Response<ResponseBody> {
+        let (mut head, body) = resp.into_parts();
+        {
+            let mut r = self.req.borrow_mut();
+            r.resp.status = head.status.as_u16();
+            r.resp.headers = std::mem::take(&mut head.headers);
+            if let Some((addr, time)) = upstream {
+                r.upstream.addr = Some(addr);
+                r.upstream.status = Some(head.status.as_u16());
+                r.upstream.response_time = Some(time);
+            }
+        }
+        let mut body = body;
+        if let Some(script) = &self.scripts.header_filter {
+            if let Outcome::Error(msg) = self.runtime.run(Phase::HeaderFilter, script, &self.req).await {
+                let mut r = self.req.borrow_mut();
+                r.resp.status = 500;
+                drop(r);
+                body.set_error(msg);
+                return respond::error(&ProxyError::Lua("header_filter failed".into()), self.is_grpc, body.take_log());
+            }
+        }
+        {
+            let mut r = self.req.borrow_mut();
+            head.status = StatusCode::from_u16(r.resp.status).unwrap_or(head.status);
+            head.headers = std::mem::take(&mut r.resp.headers);
+            if self.scripts.body_filter.is_some() {
+                head.headers.remove(http::header::CONTENT_LENGTH);
+            }
+        }
+        body.set_status(head.status.as_u16());
+        if self.scripts.body_filter.is_some() || self.scripts.log.is_some() {
+            let tail = LuaTail::new(
+                Rc::clone(&self.runtime),
+                Rc::clone(&self.req),
+                self.scripts.body_filter.clone(),
+                self.scripts.log.clone(),
+            );
+            body = body.with_lua(tail);
+        }
+        Response::from_parts(head, body)
+    }
+}
+
+/// The balancer phase, run before each try.
+pub struct LuaBalancer {
+    runtime: Rc<Runtime>,
+    script: Arc<Script>,
+    req: Shared,
+}
+
+/// The balancer script's choice for one try.
+pub struct Choice {
+    pub peer: Option<SocketAddr>,
+    pub more_tries: u32,
+    pub timeouts: (Option<std::time::Duration>, Option<std::time::Duration>, Option<std::time::Duration>),
+}
+
+impl LuaBalancer {
+    pub async fn pick(&self, last_failure: Option<(&'static str, u16)>) -> Result<Choice, ProxyError> {
+        {
+            let mut r = self.req.borrow_mut();
+            r.balancer.peer = None;
+            r.balancer.last_failure = last_failure;
+        }
+        match self.runtime.run(Phase::Balancer, &self.script, &self.req).await {
+            Outcome::Error(msg) => return Err(ProxyError::Lua(msg)),
+            Outcome::Exit(code) if code != 0 => {
+                return Err(ProxyError::Lua(format!("{}: ngx.exit({code}) in the balancer phase", self.script.name)))
+            }
+            _ => {}
+        }
+        let r = self.req.borrow();
+        let b = &r.balancer;
+        Ok(Choice {
+            peer: b.peer,
+            more_tries: b.more_tries,
+            timeouts: (b.connect_timeout, b.send_timeout, b.read_timeout),
+        })
+    }
+}

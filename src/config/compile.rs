@@ -310,6 +310,7 @@ impl Compiler {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // one call site; the arguments are the compile context
     fn route(
         &mut self,
         i: usize,

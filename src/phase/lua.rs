@@ -40,7 +40,7 @@ pub struct LuaCtx {
 /// What the request phases decided.
 pub enum Flow {
     Continue,
-    Respond(Response<ResponseBody>),
+    Respond(Box<Response<ResponseBody>>),
 }
 
 impl LuaCtx {
@@ -76,9 +76,9 @@ impl LuaCtx {
             let Some(script) = script else { continue };
             match self.runtime.run(phase, script, &self.req).await {
                 Outcome::Continue => {}
-                Outcome::Exit(code) => return Flow::Respond(self.exit_response(code, log.take())),
+                Outcome::Exit(code) => return Flow::Respond(Box::new(self.exit_response(code, log.take()))),
                 Outcome::Error(msg) => {
-                    return Flow::Respond(respond::error(&ProxyError::Lua(msg), self.is_grpc, log.take()))
+                    return Flow::Respond(Box::new(respond::error(&ProxyError::Lua(msg), self.is_grpc, log.take())))
                 }
             }
         }

@@ -117,7 +117,7 @@ pub async fn handle(
         Err(e) => return Ok(respond::error(&e, is_grpc, guard.0.take())),
     };
     if let Flow::Respond(resp) = lua.request_phases(&mut guard.0).await {
-        return Ok(lua.respond(resp, None).await);
+        return Ok(lua.respond(*resp, None).await);
     }
     Ok(match &route.action {
         Action::Content => {

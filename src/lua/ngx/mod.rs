@@ -12,8 +12,12 @@ pub mod log;
 pub mod re;
 pub mod req;
 pub mod resp;
+pub mod semaphore;
 pub mod shared;
+pub mod socket;
+pub mod thread;
 pub mod time;
+pub mod timer;
 pub mod util;
 pub mod var;
 
@@ -96,6 +100,10 @@ pub fn register(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     util::register(lua, &ngx)?;
     time::register(lua, &ngx)?;
     shared::register(lua, &ngx, &settings.shared_dicts)?;
+    socket::register(lua, &ngx)?;
+    timer::register(lua, &ngx)?;
+    thread::register(lua, &ngx)?;
+    semaphore::register(lua, &ngx)?;
     let null = Value::LightUserData(mlua::LightUserData(std::ptr::null_mut()));
     ngx.set("null", null.clone())?;
     json::register(lua, null)?;
@@ -300,7 +308,7 @@ fn misc(lua: &Lua, ngx: &Table, settings: &Settings) -> mlua::Result<()> {
     ngx.set(
         "sleep",
         lua.create_async_function(|_, secs: f64| async move {
-            if !(secs >= 0.0) || !secs.is_finite() {
+            if secs.is_nan() || secs < 0.0 || !secs.is_finite() {
                 return Err(mlua::Error::RuntimeError("bad argument #1 to 'sleep' (invalid sleep duration)".into()));
             }
             if secs == 0.0 {
@@ -469,7 +477,7 @@ mod tests {
         assert_eq!(format_number(0.1), "0.1");
         assert_eq!(format_number(1.5), "1.5");
         assert_eq!(format_number(1e20), "1e+20");
-        assert_eq!(format_number(3.14159265358979), "3.1415926535898");
+        assert_eq!(format_number(1.234567890123456), "1.2345678901235");
         assert_eq!(format_number(-2.5e-7), "-2.5e-07");
     }
 }

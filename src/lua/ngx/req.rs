@@ -42,14 +42,9 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                 r.parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect()
             })?;
             let t = lua.create_table()?;
-            let mut count = 0i64;
-            let mut truncated = false;
-            for (k, v) in pairs {
-                if max > 0 && count >= max {
-                    truncated = true;
-                    break;
-                }
-                count += 1;
+            let truncated = max > 0 && pairs.len() as i64 > max;
+            let keep = if max > 0 { max as usize } else { usize::MAX };
+            for (k, v) in pairs.into_iter().take(keep) {
                 let v = lua.create_string(&v)?;
                 match t.raw_get::<Value>(k.as_str())? {
                     Value::Nil => t.raw_set(k, v)?,

@@ -174,7 +174,8 @@ impl Proxy<'_> {
         if let Some(log) = &mut guard.0 {
             log.upstream = Some(Arc::from(up.name.as_str()));
         }
-        let limit = self.route.client_max_body_size;
+        // A gRPC stream is not one body: its size is bounded per message by the peers, not in total.
+        let limit = if self.is_grpc { 0 } else { self.route.client_max_body_size };
         let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if limit > 0 && declared.is_some_and(|n| n > limit) {
             return (respond::error(&ProxyError::BodyTooLarge { limit }, self.is_grpc, guard.0.take()), None);

@@ -1,0 +1,2 @@
+-- Intentionally empty access hook: measures what calling a Lua phase costs.
+-- Run unchanged by luagate (routes[i].lua.access) and nginx (access_by_lua_file).

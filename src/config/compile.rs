@@ -300,7 +300,7 @@ impl Compiler {
         };
         let timeouts = self.timeouts(&format!("{key}.timeouts"), &u.timeouts, defaults);
         Some(Upstream {
-            name: name.to_string(),
+            name: Arc::from(name),
             protocol,
             balancer: Balancer::new(policy, &peers),
             peers,
@@ -402,6 +402,14 @@ impl Compiler {
         }
         matcher.grpc_service = m.grpc_service.clone();
         matcher.grpc_method = m.grpc_method.clone();
+        // A gRPC call's path is /service/method: without a path condition a gRPC
+        // route ranks as that path would in nginx (exact with a method, else prefix).
+        if let (PathMatch::Any, Some(service)) = (&matcher.path, &m.grpc_service) {
+            matcher.path = match &m.grpc_method {
+                Some(method) => PathMatch::Exact(format!("/{service}/{method}")),
+                None => PathMatch::Prefix { prefix: format!("/{service}/"), stop_regex: false },
+            };
+        }
 
         let lua = r.lua.as_ref().map(|l| {
             let lkey = format!("{key}.lua");
@@ -457,7 +465,7 @@ impl Compiler {
         }
         Some((
             Route {
-                name: r.name.clone().unwrap_or(key),
+                name: Arc::from(r.name.clone().unwrap_or(key)),
                 action: action?,
                 host_header,
                 timeout,

@@ -75,7 +75,7 @@ pub struct Listener {
 }
 
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
     pub action: Action,
     /// `None` passes the client's Host through.
     pub host_header: Option<HeaderValue>,

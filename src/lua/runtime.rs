@@ -30,6 +30,9 @@ pub enum Outcome {
 
 pub struct Runtime {
     lua: Lua,
+    /// init_worker of the current generation has finished (requests wait for it).
+    init_done: Rc<Cell<bool>>,
+    init_notify: Rc<tokio::sync::Notify>,
     functions: RefCell<HashMap<u64, Function>>,
     generation: Cell<u64>,
     /// Keeps alive the coroutine whose `lua_State` the budget watchdog hooks.
@@ -96,7 +99,14 @@ impl Runtime {
         // as long as the worker thread that registers it.
         unsafe { budget::register(anchor.state(), settings.time_budget) };
         let _ = lua.set_memory_limit(settings.memory_limit);
-        Ok(Self { lua, functions: RefCell::new(HashMap::new()), generation: Cell::new(0), _anchor: anchor })
+        Ok(Self {
+            lua,
+            init_done: Rc::new(Cell::new(true)),
+            init_notify: Rc::new(tokio::sync::Notify::new()),
+            functions: RefCell::new(HashMap::new()),
+            generation: Cell::new(0),
+            _anchor: anchor,
+        })
     }
 
     pub fn lua(&self) -> &Lua {
@@ -119,17 +129,33 @@ impl Runtime {
             let rt = self.function(&init);
             match rt {
                 Ok(f) => {
+                    let (done, notify) = (Rc::clone(&self.init_done), Rc::clone(&self.init_notify));
+                    done.set(false);
                     tokio::task::spawn_local(async move {
                         let fut = Scoped::new(None, f.call_async::<()>(()));
                         if let Err(e) = fut.await {
                             tracing::error!(target: "lua", script = %init.name, "init_worker failed: {}", lua_message(&e));
                         }
+                        done.set(true);
+                        notify.notify_waiters();
                     });
                 }
                 Err(e) => tracing::error!(target: "lua", script = %init.name, "init_worker: {}", lua_message(&e)),
             }
         }
         Ok(())
+    }
+
+    /// Resolves once init_worker has run (requests wait for it, as nginx
+    /// runs init_worker_by_lua before accepting).
+    pub async fn ready(&self) {
+        loop {
+            let notified = self.init_notify.notified();
+            if self.init_done.get() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The compiled function of `script` (cached per worker).

@@ -62,9 +62,11 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn random_nonzero<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
     loop {
-        let mut out = [0u8; N];
-        out.iter_mut().for_each(|b| *b = fastrand::u8(..));
+        for chunk in out.chunks_mut(8) {
+            chunk.copy_from_slice(&fastrand::u64(..).to_le_bytes()[..chunk.len()]);
+        }
         if out != [0; N] {
             return out;
         }

@@ -64,7 +64,7 @@ impl LuaCtx {
                 parts.headers.insert(http::header::HOST, v);
             }
         }
-        let mut r = LuaRequest::new(parts, conn.client, conn.listener.addr, conn.tls, Arc::from(route.name.as_str()));
+        let mut r = LuaRequest::new(parts, conn.client, conn.listener.addr, conn.tls, Arc::clone(&route.name));
         r.incoming = Some(body);
         r.body_limit = route.client_max_body_size;
         Ok(Self { runtime, req: Rc::new(RefCell::new(r)), scripts: Arc::clone(scripts), is_grpc })

@@ -101,7 +101,7 @@ pub async fn handle(
         return Ok(respond::error(&err, is_grpc, guard.0.take()));
     };
     if let Some(log) = &mut guard.0 {
-        log.route = Some(Arc::from(route.name.as_str()));
+        log.route = Some(Arc::clone(&route.name));
     }
     let Some(scripts) = &route.lua else {
         return Ok(match &route.action {
@@ -116,6 +116,7 @@ pub async fn handle(
         Ok(l) => l,
         Err(e) => return Ok(respond::error(&e, is_grpc, guard.0.take())),
     };
+    lua.runtime.ready().await;
     if let Flow::Respond(resp) = lua.request_phases(&mut guard.0).await {
         return Ok(lua.respond(*resp, None).await);
     }
@@ -172,7 +173,7 @@ impl Proxy<'_> {
     ) -> (Response<ResponseBody>, Option<(SocketAddr, Duration)>) {
         let up = self.upstream;
         if let Some(log) = &mut guard.0 {
-            log.upstream = Some(Arc::from(up.name.as_str()));
+            log.upstream = Some(Arc::clone(&up.name));
         }
         // A gRPC stream is not one body: its size is bounded per message by the peers, not in total.
         let limit = if self.is_grpc { 0 } else { self.route.client_max_body_size };

@@ -52,7 +52,7 @@ pub fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let (generation_rx, stop_rx, ready_tx) = (generation_rx.clone(), stop_rx.clone(), ready_tx.clone());
         let thread = std::thread::Builder::new()
             .name(format!("luagate-worker-{id}"))
-            .spawn(move || worker::run(id, generation_rx, stop_rx, ready_tx))
+            .spawn(move || worker::run(id, workers, generation_rx, stop_rx, ready_tx))
             .context("starting a worker thread")?;
         threads.push(thread);
     }

@@ -19,6 +19,7 @@ use crate::upstream::pool::Pool;
 
 pub fn run(
     id: usize,
+    count: usize,
     mut generation: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
@@ -53,19 +54,23 @@ pub fn run(
             }
             Ok(())
         };
+        crate::lua::runtime::set_worker(id, count);
         if let Err(e) = sync(&mut listeners, &reload::current()) {
             let _ = ready.send(Err(e));
             return;
         }
+        start_lua(&reload::current());
         let _ = ready.send(Ok(()));
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 changed = generation.changed() => {
                     if changed.is_err() { break; }
-                    if let Err(e) = sync(&mut listeners, &reload::current()) {
+                    let snap = reload::current();
+                    if let Err(e) = sync(&mut listeners, &snap) {
                         tracing::error!(worker = id, error = %e, "reload: listener not opened");
                     }
+                    start_lua(&snap);
                 }
                 _ = stop.changed() => break,
                 _ = sweep.tick() => {
@@ -82,6 +87,16 @@ pub fn run(
             tracing::warn!(worker = id, open = conns.open(), "grace period over, closing connections");
         }
     });
+}
+
+/// With an init_worker script, the Lua state starts with the worker (and
+/// re-runs it after each reload) instead of at the first Lua request.
+fn start_lua(snap: &Snapshot) {
+    if snap.lua.init_worker.is_some() {
+        if let Err(e) = crate::lua::runtime::get(snap.generation, &snap.lua) {
+            tracing::error!(target: "lua", error = %e, "cannot start the Lua state");
+        }
+    }
 }
 
 /// The idle timeout for pooled connections to `addr`, or None when no

@@ -117,5 +117,5 @@ pub async fn call(
             },
         }
     }
-    Err(last_err.unwrap_or(ProxyError::NoPeer { upstream: upstream.name.clone() }))
+    Err(last_err.unwrap_or(ProxyError::NoPeer { upstream: upstream.name.to_string() }))
 }

@@ -41,7 +41,7 @@ pub struct Keepalive {
 }
 
 pub struct Upstream {
-    pub name: String,
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub peers: Vec<Peer>,
     pub balancer: Balancer,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 use super::compile::lua_message;
-use super::request::{Scoped, Shared};
+use super::request::Shared;
 use super::{budget, ngx, Phase, Script, Settings};
 
 /// How a phase ended.
@@ -132,7 +132,7 @@ impl Runtime {
                     let (done, notify) = (Rc::clone(&self.init_done), Rc::clone(&self.init_notify));
                     done.set(false);
                     tokio::task::spawn_local(async move {
-                        let fut = Scoped::new(None, f.call_async::<()>(()));
+                        let fut = ngx::thread::scope(None, f.call_async::<()>(()));
                         if let Err(e) = fut.await {
                             tracing::error!(target: "lua", script = %init.name, "init_worker failed: {}", lua_message(&e));
                         }
@@ -179,7 +179,7 @@ impl Runtime {
             Ok(f) => f,
             Err(e) => return self.failed(phase, script, &e),
         };
-        let result = Scoped::new(Some(Rc::clone(req)), f.call_async::<()>(())).await;
+        let result = ngx::thread::scope(Some(Rc::clone(req)), f.call_async::<()>(())).await;
         let exit = req.borrow().exit;
         match result {
             Ok(()) => match exit {

@@ -22,7 +22,8 @@ pub struct LogRecord {
     pub start: Instant,
     pub client: SocketAddr,
     pub method: http::Method,
-    pub uri: http::Uri,
+    /// Path and query, as the client sent them (origin form for every protocol).
+    pub uri: http::uri::PathAndQuery,
     pub route: Option<Arc<str>>,
     pub upstream: Option<Arc<str>>,
     pub peer: Option<SocketAddr>,

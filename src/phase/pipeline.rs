@@ -71,7 +71,7 @@ pub async fn handle(
         start: std::time::Instant::now(),
         client: conn.client,
         method: parts.method.clone(),
-        uri: parts.uri.clone(),
+        uri: parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         route: None,
         upstream: None,
         peer: None,

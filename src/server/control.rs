@@ -6,18 +6,42 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::reload;
 use crate::observe::access_log;
 
-pub async fn run(config: PathBuf, generation: watch::Sender<u64>, stop: watch::Sender<bool>) -> anyhow::Result<()> {
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
+/// The signals luagate handles, installed before the first listener opens so
+/// that a SIGHUP right after start reloads instead of killing the process.
+pub struct Signals {
+    hup: Signal,
+    term: Signal,
+    quit: Signal,
+    int: Signal,
+    usr1: Signal,
+}
+
+impl Signals {
+    /// Must be called inside a tokio runtime context.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            quit: signal(SignalKind::quit())?,
+            int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
+pub async fn run(
+    config: PathBuf,
+    signals: Signals,
+    generation: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+) -> anyhow::Result<()> {
+    let Signals { mut hup, mut term, mut quit, mut int, mut usr1 } = signals;
     let (changes_tx, mut changes) = mpsc::unbounded_channel::<()>();
     let _watcher = watch_files(&config, changes_tx);
 

@@ -44,6 +44,11 @@ pub fn run(config_path: PathBuf) -> anyhow::Result<()> {
             .with_context(|| format!("writing pid file {}", pid_file.display()))?;
     }
 
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let signals = {
+        let _inside = control.enter();
+        control::Signals::install().context("installing signal handlers")?
+    };
     let (generation_tx, generation_rx) = tokio::sync::watch::channel(1u64);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -72,8 +77,7 @@ pub fn run(config_path: PathBuf) -> anyhow::Result<()> {
     tracing::info!(version = crate::VERSION, workers, listen = ?addrs, "luagate started");
     drop(snap);
 
-    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    control.block_on(control::run(config_path, generation_tx, stop_tx))?;
+    control.block_on(control::run(config_path, signals, generation_tx, stop_tx))?;
     for t in threads {
         let _ = t.join();
     }

@@ -83,7 +83,13 @@ pub fn run(
             task.abort();
         }
         let grace = reload::current().shutdown_grace;
-        if tokio::time::timeout(grace, conns.drained()).await.is_err() {
+        // Pending Lua timers fire with premature = true and may finish within the grace period too.
+        let timers = tokio::time::timeout(grace, crate::lua::ngx::timer::shutdown());
+        let (drained, timers) = tokio::join!(tokio::time::timeout(grace, conns.drained()), timers);
+        if timers.is_err() {
+            tracing::warn!(worker = id, "grace period over, abandoning running Lua timers");
+        }
+        if drained.is_err() {
             tracing::warn!(worker = id, open = conns.open(), "grace period over, closing connections");
         }
     });

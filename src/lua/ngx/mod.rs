@@ -125,6 +125,9 @@ pub fn register(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
 
 /// Settings a reload may change.
 pub fn on_reload(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
+    // Timers of the previous generation fire now with premature = true, so a
+    // re-run init_worker does not add a second copy of each.
+    timer::abort_pending(lua);
     let ngx: Table = lua.globals().get("ngx")?;
     shared::register(lua, &ngx, &settings.shared_dicts)?;
     var::register(lua, &ngx, settings.variables.clone())?;

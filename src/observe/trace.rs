@@ -24,8 +24,14 @@ impl TraceContext {
     }
 
     pub fn header_value(&self) -> HeaderValue {
-        let s = format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.span_id), self.flags);
-        HeaderValue::from_str(&s)
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        hex_into(&self.trace_id, &mut out[3..35]);
+        out[35] = b'-';
+        hex_into(&self.span_id, &mut out[36..52]);
+        out[52] = b'-';
+        hex_into(&[self.flags], &mut out[53..55]);
+        HeaderValue::from_bytes(&out)
             .unwrap_or(HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-00"))
     }
 }
@@ -53,12 +59,19 @@ fn unhex(s: &[u8]) -> Option<Vec<u8>> {
     s.chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(*p.get(1)?)?)).collect()
 }
 
-fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
+/// Lower-case hex of `b` into `out` (twice as long): on the hot path, no formatter.
+fn hex_into(b: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, x) in b.iter().enumerate() {
+        out[2 * i] = DIGITS[(x >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(x & 15) as usize];
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    let mut out = vec![0u8; b.len() * 2];
+    hex_into(b, &mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 fn random_nonzero<const N: usize>() -> [u8; N] {

@@ -67,18 +67,33 @@ pub fn real_client_ip(headers: &HeaderMap, peer: IpAddr, is_trusted: impl Fn(IpA
 }
 
 /// Set X-Forwarded-For, X-Real-IP and X-Forwarded-Proto for the upstream.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted_peer: bool, real_ip: IpAddr, scheme: &'static str) {
-    let peer_s = peer.to_string();
-    let xff = match headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>() {
-        prior if trusted_peer && !prior.is_empty() => format!("{}, {peer_s}", prior.join(", ")),
-        _ => peer_s,
+/// `peer` is the connecting address as a header value (formatted once per connection).
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: &HeaderValue,
+    trusted_peer: bool,
+    real_ip: IpAddr,
+    scheme: &'static str,
+) {
+    let prior: Vec<&str> = if trusted_peer {
+        headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
+    } else {
+        Vec::new()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(&X_FORWARDED_FOR, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&real_ip.to_string()) {
-        headers.insert(&X_REAL_IP, v);
-    }
+    let xff = if prior.is_empty() {
+        peer.clone()
+    } else {
+        let joined = format!("{}, {}", prior.join(", "), peer.to_str().unwrap_or(""));
+        HeaderValue::from_str(&joined).unwrap_or_else(|_| peer.clone())
+    };
+    headers.insert(&X_FORWARDED_FOR, xff);
+    // Only a trusted proxy can vouch for another client address than the peer's.
+    let real = if trusted_peer {
+        HeaderValue::from_str(&real_ip.to_string()).unwrap_or_else(|_| peer.clone())
+    } else {
+        peer.clone()
+    };
+    headers.insert(&X_REAL_IP, real);
     if !(trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
@@ -123,7 +138,7 @@ mod tests {
         let peer: IpAddr = "203.0.113.7".parse().unwrap();
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-real-ip", "1.2.3.4"), ("x-forwarded-proto", "https")]);
         let real = real_client_ip(&h, peer, |_| false);
-        set_forwarded(&mut h, peer, false, real, "http");
+        set_forwarded(&mut h, &HeaderValue::from_static("203.0.113.7"), false, real, "http");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "203.0.113.7");
         assert_eq!(h.get("x-real-ip").unwrap(), "203.0.113.7");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
@@ -136,7 +151,7 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "198.51.100.9, 10.0.0.5"), ("x-forwarded-proto", "https")]);
         let real = real_client_ip(&h, peer, trusted);
         assert_eq!(real.to_string(), "198.51.100.9");
-        set_forwarded(&mut h, peer, true, real, "http");
+        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.1"), true, real, "http");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "198.51.100.9, 10.0.0.5, 10.0.0.1");
         assert_eq!(h.get("x-real-ip").unwrap(), "198.51.100.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");

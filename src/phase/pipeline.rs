@@ -35,8 +35,17 @@ use crate::upstream::{call, Protocol, Upstream};
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnInfo {
     pub client: SocketAddr,
+    /// The client's IP as a header value, formatted once per connection.
+    pub client_ip: HeaderValue,
     pub listener: Arc<Listener>,
     pub tls: bool,
+}
+
+impl ConnInfo {
+    pub fn new(client: SocketAddr, listener: Arc<Listener>, tls: bool) -> Self {
+        let client_ip = HeaderValue::from_str(&client.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Self { client, client_ip, listener, tls }
+    }
 }
 
 /// A worker's own state, shared by all its connections.
@@ -80,7 +89,7 @@ pub async fn handle(
         bytes_sent: 0,
         bytes_received: 0,
         upstream_time: None,
-        trace_id: trace.trace_id_hex(),
+        trace_id: trace.trace_id,
         error: None,
     }));
     let is_grpc = grpc::is_grpc(&parts.headers);
@@ -191,7 +200,7 @@ impl Proxy<'_> {
 
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h, up.protocol == Protocol::H2c);
-        headers::set_forwarded(h, client_ip, trusted, real_ip, if self.conn.tls { "https" } else { "http" });
+        headers::set_forwarded(h, &self.conn.client_ip, trusted, real_ip, if self.conn.tls { "https" } else { "http" });
         h.insert("traceparent", self.trace.header_value());
         let authority = match &self.route.host_header {
             Some(v) => v.clone(),

@@ -85,7 +85,7 @@ pub async fn serve(
             (false, true) => Mode::Http2,
             _ => Mode::Auto,
         };
-        let info = Rc::new(ConnInfo { client, listener, tls: false });
+        let info = Rc::new(ConnInfo::new(client, listener, false));
         return serve_http(TokioIo::new(stream), info, mode, &limits, worker, stop).await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -101,7 +101,7 @@ pub async fn serve(
         }
     };
     let mode = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") { Mode::Http2 } else { Mode::Http1 };
-    let info = Rc::new(ConnInfo { client, listener, tls: true });
+    let info = Rc::new(ConnInfo::new(client, listener, true));
     serve_http(TokioIo::new(tls_stream), info, mode, &limits, worker, stop).await
 }
 

@@ -89,7 +89,9 @@ end
 
 impl Runtime {
     fn new(settings: &Settings) -> mlua::Result<Self> {
-        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::default())?;
+        // Finished phase coroutines go back to a pool: creating one per phase call
+        // cost more than the call itself.
+        let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().thread_pool_size(256))?;
         sandbox(&lua, settings)?;
         let fatal = lua.create_function(|_, _err: Value| Ok(budget::tripped() || ngx::resp::exiting()))?;
         lua.load(PRELUDE).set_name("=luagate.prelude").call::<()>(fatal)?;

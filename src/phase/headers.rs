@@ -5,33 +5,38 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-const HOP_BY_HOP: [&str; 5] =
-    ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "trailer"];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Remove hop-by-hop headers and those the Connection header names.
 /// `keep_te_trailers` keeps `te: trailers`, which gRPC needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    let named: Vec<HeaderName> = if !headers.contains_key(CONNECTION) {
+        Vec::new()
+    } else {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect()
+    };
     for n in named {
         if !(keep_te_trailers && n == TE) {
             headers.remove(n);
         }
     }
     headers.remove(CONNECTION);
-    for name in HOP_BY_HOP {
+    // Pre-parsed names: removing by &str would parse and hash each name every time.
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHENTICATE, &PROXY_AUTHORIZATION, &TRAILER] {
         headers.remove(name);
     }
     headers.remove(TRANSFER_ENCODING);

@@ -143,7 +143,15 @@ impl LuaCtx {
             (None, Some(i)) => ClientBody::Stream(i),
             (None, None) => ClientBody::Read(Bytes::new()),
         };
-        (r.parts.clone(), body)
+        // Later phases read the request (ngx.var, ngx.req): keep a copy only if any will run.
+        let s = &self.scripts;
+        let later = s.balancer.is_some() || s.header_filter.is_some() || s.body_filter.is_some() || s.log.is_some();
+        let parts = if later {
+            r.parts.clone()
+        } else {
+            std::mem::replace(&mut r.parts, http::Request::new(()).into_parts().0)
+        };
+        (parts, body)
     }
 
     pub fn balancer(&self) -> Option<LuaBalancer> {

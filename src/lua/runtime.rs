@@ -96,6 +96,16 @@ impl Runtime {
         let fatal = lua.create_function(|_, _err: Value| Ok(budget::tripped() || ngx::resp::exiting()))?;
         lua.load(PRELUDE).set_name("=luagate.prelude").call::<()>(fatal)?;
         ngx::register(&lua, settings)?;
+        // What package.loaded holds now is luagate's; anything later came from scripts.
+        let loaded: Table = lua.globals().get::<Table>("package")?.get("loaded")?;
+        let builtin = lua.create_table()?;
+        for kv in loaded.pairs::<Value, Value>() {
+            builtin.set(kv?.0, true)?;
+        }
+        for preloaded in lua.globals().get::<Table>("package")?.get::<Table>("preload")?.pairs::<Value, Value>() {
+            builtin.set(preloaded?.0, true)?;
+        }
+        lua.set_named_registry_value("luagate.builtin_modules", builtin)?;
         let anchor = lua.create_thread(lua.create_function(|_, ()| Ok(()))?)?;
         // SAFETY: the anchor thread lives as long as this runtime, which lives
         // as long as the worker thread that registers it.
@@ -121,6 +131,17 @@ impl Runtime {
     fn apply(&self, settings: &Settings) -> mlua::Result<()> {
         let package: Table = self.lua.globals().get("package")?;
         package.set("path", settings.package_path.as_str())?;
+        // Modules scripts loaded with require are reloaded too, as fresh nginx workers would.
+        let loaded: Table = package.get("loaded")?;
+        let builtin: Table = self.lua.named_registry_value("luagate.builtin_modules")?;
+        let user: Vec<Value> = loaded
+            .pairs::<Value, Value>()
+            .filter_map(|kv| kv.ok().map(|(k, _)| k))
+            .filter(|k| !builtin.contains_key(k.clone()).unwrap_or(true))
+            .collect();
+        for k in user {
+            loaded.set(k, Value::Nil)?;
+        }
         ngx::on_reload(&self.lua, settings)?;
         budget::set_budget(settings.time_budget);
         let _ = self.lua.set_memory_limit(settings.memory_limit);

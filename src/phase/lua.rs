@@ -106,7 +106,10 @@ impl LuaCtx {
         if code == -1 {
             return respond::error(&ProxyError::Lua("ngx.exit(ngx.ERROR)".into()), self.is_grpc, log);
         }
+        // Output already written means OpenResty had sent the headers: the exit code no longer changes the status.
+        let sent = !r.resp.body.is_empty() && r.resp.status != 0;
         let status = match code {
+            _ if sent => r.resp.status,
             c if c >= 200 => c as u16,
             _ if r.resp.status != 0 => r.resp.status,
             _ => 200,

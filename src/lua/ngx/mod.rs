@@ -51,7 +51,7 @@ local ngx = ...
 ngx.req.get_uri_args = function(max)
     local args = ngx.var.args
     if not args then return {} end
-    return ngx.decode_args(args, max)
+    return ngx.decode_args(args, max or 100)
 end
 ngx.req.set_uri_args = function(args)
     if type(args) == "table" then args = ngx.encode_args(args) end
@@ -60,7 +60,7 @@ end
 ngx.req.get_post_args = function(max)
     local body = ngx.req.get_body_data()
     if not body then return {} end
-    return ngx.decode_args(body, max)
+    return ngx.decode_args(body, max or 100)
 end
 ngx.headers_sent = false
 "#;

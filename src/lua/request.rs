@@ -56,6 +56,8 @@ pub struct UpstreamInfo {
 
 pub struct LuaRequest {
     pub parts: http::request::Parts,
+    /// The request target as the client sent it (`ngx.var.request_uri`), whatever scripts change.
+    pub request_uri: String,
     /// The request body once `ngx.req.read_body()` read it, or set by `set_body_data`.
     pub body: Option<Bytes>,
     /// The unread client body, until `read_body` takes it.
@@ -104,8 +106,10 @@ impl LuaRequest {
             .then(|| crate::protocol::grpc::parse_path(parts.uri.path()))
             .flatten()
             .map(|(s, m)| (s.to_string(), m.to_string()));
+        let request_uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         Self {
             parts,
+            request_uri,
             body: None,
             incoming: None,
             body_read: false,

@@ -227,6 +227,11 @@ impl Runtime {
 
     fn failed(&self, phase: Phase, script: &Script, e: &mlua::Error) -> Outcome {
         let mut msg = lua_message(e);
+        if matches!(e, mlua::Error::MemoryError(_)) || msg.contains("not enough memory") {
+            // LuaJIT has no emergency collection: free what the failed script held now.
+            let _ = self.lua.gc_collect();
+            let _ = self.lua.gc_collect();
+        }
         if !msg.starts_with(&*script.name) {
             msg = format!("{}: {msg}", script.name);
         }

@@ -123,8 +123,10 @@ impl LuaCtx {
         let mut headers = std::mem::take(&mut r.resp.headers);
         // Like nginx: an exit with an error or redirect status and no output gets the built-in page.
         if body.is_empty() && code >= 300 {
-            body = respond::error_page(status);
-            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            if let Some(page) = respond::error_page(status) {
+                body = page;
+                headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            }
         }
         if !headers.contains_key(http::header::CONTENT_TYPE) && !body.is_empty() {
             headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -175,7 +177,23 @@ impl LuaCtx {
         {
             let mut r = self.req.borrow_mut();
             r.resp.status = head.status.as_u16();
-            r.resp.headers = std::mem::take(&mut head.headers);
+            // Headers scripts set before the response existed (rewrite/access) are added to it.
+            let early = std::mem::replace(&mut r.resp.headers, std::mem::take(&mut head.headers));
+            let mut last = None;
+            for (name, value) in early {
+                let name = match name {
+                    Some(n) => {
+                        r.resp.headers.remove(&n);
+                        last = Some(n.clone());
+                        n
+                    }
+                    None => match &last {
+                        Some(n) => n.clone(),
+                        None => continue,
+                    },
+                };
+                r.resp.headers.append(name, value);
+            }
             if let Some((addr, time)) = upstream {
                 r.upstream.addr = Some(addr);
                 r.upstream.status = Some(head.status.as_u16());

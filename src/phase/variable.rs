@@ -57,12 +57,13 @@ impl Variable {
                 .filter_map(|kv| kv.trim().split_once('='))
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| Cow::Borrowed(v.as_bytes())),
+            // As nginx: names compare case-insensitively; a bare `?flag` sets no value.
             Self::Arg(name) => req
                 .uri
                 .query()?
                 .split('&')
-                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                .find(|(k, _)| k == name)
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| Cow::Borrowed(v.as_bytes())),
             Self::RemoteAddr => Some(Cow::Owned(client.to_string().into_bytes())),
             Self::Uri => Some(Cow::Borrowed(req.uri.path().as_bytes())),
@@ -91,7 +92,8 @@ mod tests {
         assert_eq!(v("$http_x_user"), Some(b"u1".to_vec()));
         assert_eq!(v("$cookie_sid"), Some(b"abc".to_vec()));
         assert_eq!(v("$arg_page"), Some(b"7".to_vec()));
-        assert_eq!(v("$arg_flag"), Some(b"".to_vec()));
+        assert_eq!(v("$arg_flag"), None);
+        assert_eq!(v("$arg_PAGE"), Some(b"7".to_vec()));
         assert_eq!(v("$arg_none"), None);
         assert_eq!(v("$remote_addr"), Some(b"10.1.2.3".to_vec()));
         assert_eq!(v("$uri"), Some(b"/a/b".to_vec()));

@@ -58,6 +58,8 @@ fn file_name(p: &Path) -> String {
 pub enum BackendKind {
     Http,
     Grpc,
+    /// A real `redis-server` (`t/harness/redis.rs`).
+    Redis,
 }
 
 /// A parsed, validated case.
@@ -101,6 +103,7 @@ struct StepDoc {
     log: Option<LogCheck>,
     backend_stats: Option<BTreeMap<String, StatsExpect>>,
     parallel: Option<Vec<Value>>,
+    write_file: Option<WriteFile>,
     repeat: Option<u32>,
     expect_backends: Option<BTreeMap<String, u32>>,
     expect_one_backend: Option<bool>,
@@ -121,6 +124,7 @@ pub enum Step {
     Log(LogCheck),
     BackendStats(BTreeMap<String, StatsExpect>),
     Parallel(Vec<Vec<Step>>),
+    WriteFile(WriteFile),
 }
 
 impl Step {
@@ -148,6 +152,7 @@ impl Step {
             Step::Log(l) => format!("log {}", l.file.as_deref().unwrap_or("stderr")),
             Step::BackendStats(_) => "backend_stats".into(),
             Step::Parallel(b) => format!("parallel ({} branches)", b.len()),
+            Step::WriteFile(w) => format!("write_file {}", w.path),
         }
     }
 }
@@ -392,6 +397,15 @@ pub struct LogCheck {
     pub json: BTreeMap<String, Matcher>,
 }
 
+/// Writes (replaces) a file of the case dir, e.g. a watched Lua script.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteFile {
+    /// Relative to the case dir.
+    pub path: String,
+    pub content: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatsExpect {
@@ -553,6 +567,7 @@ impl Ctx<'_> {
             ("log", s.log.is_some()),
             ("backend_stats", s.backend_stats.is_some()),
             ("parallel", s.parallel.is_some()),
+            ("write_file", s.write_file.is_some()),
         ];
         let present: Vec<&str> = actions.iter().filter(|a| a.1).map(|a| a.0).collect();
         if present.len() != 1 {
@@ -646,6 +661,13 @@ impl Ctx<'_> {
                     branches.push(steps);
                 }
                 Step::Parallel(branches)
+            }
+            "write_file" => {
+                let w = s.write_file.unwrap_or_else(|| unreachable!());
+                if w.path.is_empty() || Path::new(&w.path).is_absolute() || w.path.split('/').any(|p| p == "..") {
+                    return Err(format!("write_file: {:?} must be a relative path inside the case dir", w.path));
+                }
+                Step::WriteFile(w)
             }
             _ => unreachable!(),
         };

@@ -3,12 +3,15 @@
 //! real luagate against real testbed backends on loopback. With `LUAGATE_T_RELOAD=1`
 //! every case is listed a second time as `reload/group/name`, re-run with a SIGHUP
 //! reload of the same config between every two steps. `reload/fifty_reloads_under_load`
-//! is a hand-written stress trial. See `t/README.md`.
+//! is a hand-written stress trial. `diff/<name>` trials (`t/diff/*.yaml`, `diff.rs`)
+//! compare luagate with real OpenResty. See `t/README.md`.
 
 mod case;
 mod client;
+mod diff;
 mod expect;
 mod process;
+mod redis;
 mod reload_stress;
 mod runner;
 
@@ -43,5 +46,8 @@ fn main() {
         Err(e) => trials.push(Trial::test("cases", move || Err(Failed::from(e)))),
     }
     trials.push(Trial::test("reload/fifty_reloads_under_load", || reload_stress::run().map_err(Failed::from)));
-    libtest_mimic::run(&args, trials).exit();
+    trials.extend(diff::trials());
+    let conclusion = libtest_mimic::run(&args, trials);
+    diff::shutdown();
+    conclusion.exit();
 }

@@ -22,6 +22,7 @@ use crate::case::{self, BackendKind, Step, Vars, DEAD, LISTENERS};
 use crate::client::{self, GrpcClients, HttpClient};
 use crate::expect;
 use crate::process::{self, Luagate, Reload};
+use crate::redis::RedisServer;
 
 /// A log step polls its file this long for the expected lines.
 const LOG_WAIT: Duration = Duration::from_secs(2);
@@ -103,8 +104,49 @@ pub async fn spawn_backend(name: &str, kind: BackendKind) -> Result<Backend, Str
     let b = match kind {
         BackendKind::Http => testbed::spawn_http(name).await,
         BackendKind::Grpc => testbed::spawn_grpc(name).await,
+        BackendKind::Redis => return Err(format!("backend {name}: redis is not a testbed server")),
     };
     b.map_err(|e| format!("starting backend {name}: {e}"))
+}
+
+/// A backend of a case: a testbed server or a redis-server process.
+enum Server {
+    Testbed(Backend),
+    Redis(RedisServer),
+}
+
+impl Server {
+    async fn start(name: &str, kind: BackendKind, dir: &Path) -> Result<Self, String> {
+        match kind {
+            // Started right here, on the trial's own thread (block_on), not on a
+            // blocking-pool thread: PR_SET_PDEATHSIG follows the thread that forked,
+            // and pool threads exit when idle.
+            BackendKind::Redis => RedisServer::start(name, dir).map(Server::Redis),
+            _ => spawn_backend(name, kind).await.map(Server::Testbed),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Server::Testbed(b) => b.addr(),
+            Server::Redis(r) => r.addr(),
+        }
+    }
+
+    /// Counters (a redis server counts nothing).
+    fn stats(&self) -> Arc<Stats> {
+        match self {
+            Server::Testbed(b) => b.stats(),
+            Server::Redis(_) => Arc::new(Stats::default()),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Server::Testbed(b) => b.shutdown().await,
+            Server::Redis(mut r) => r.stop(),
+        }
+    }
 }
 
 /// Runs the case in `path` (trial `id`); `reload_between` is the reload mode.
@@ -135,7 +177,7 @@ async fn run_case(trial: &str, path: &Path, text: &str, reload_between: bool) ->
     let mut backends = BTreeMap::new();
     let mut stats = BTreeMap::new();
     for (name, kind) in &plain.backends {
-        let b = spawn_backend(name, *kind).await?;
+        let b = Server::start(name, *kind, dir.path()).await?;
         vars.0.insert(name.clone(), b.addr().to_string());
         stats.insert(name.clone(), b.stats());
         backends.insert(name.clone(), b);
@@ -211,7 +253,7 @@ struct Run {
     luagate: Luagate,
     listeners: BTreeMap<String, SocketAddr>,
     backend_names: Vec<String>,
-    backends: Mutex<BTreeMap<String, Backend>>,
+    backends: Mutex<BTreeMap<String, Server>>,
     stats: BTreeMap<String, Arc<Stats>>,
     http: HttpClient,
     grpc: GrpcClients,
@@ -381,6 +423,13 @@ impl Run {
                 }
             }
             Step::Log(check) => self.log(check).await,
+            Step::WriteFile(w) => {
+                let p = self.dir.join(&w.path);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                std::fs::write(&p, &w.content).map_err(|e| format!("{}: {e}", p.display()))
+            }
             Step::BackendStats(want) => {
                 let mut errors = Vec::new();
                 for (name, exp) in want {

@@ -67,7 +67,8 @@ ngx.headers_sent = false
 
 /// `%.14g`, the way lua-nginx-module prints numbers.
 pub fn format_number(n: f64) -> String {
-    if n.fract() == 0.0 && n.abs() < 1e15 {
+    // lua-nginx-module prints whole numbers as integers only within int32; others go through %.14g.
+    if n.fract() == 0.0 && n >= i32::MIN as f64 && n <= i32::MAX as f64 {
         return format!("{}", n as i64);
     }
     if n.is_nan() {
@@ -480,6 +481,9 @@ mod tests {
         assert_eq!(format_number(0.1), "0.1");
         assert_eq!(format_number(1.5), "1.5");
         assert_eq!(format_number(1e20), "1e+20");
+        assert_eq!(format_number(1e15), "1e+15");
+        assert_eq!(format_number(9007199254740992.0), "9.007199254741e+15");
+        assert_eq!(format_number(2147483647.0), "2147483647");
         assert_eq!(format_number(1.234567890123456), "1.2345678901235");
         assert_eq!(format_number(-2.5e-7), "-2.5e-07");
     }

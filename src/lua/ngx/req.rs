@@ -144,7 +144,18 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             } else {
                 incoming.collect().await.map(|c| c.to_bytes()).map_err(Into::into)
             };
-            let body = collected.map_err(|e| mlua::Error::RuntimeError(format!("failed to read request body: {e}")))?;
+            let body = match collected {
+                Ok(b) => b,
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    // As nginx: a body over client_max_body_size ends the request with 413.
+                    request::with("ngx.req.read_body", |r| {
+                        r.exit = Some(413);
+                        r.resp.status = 413;
+                    })?;
+                    return Err(mlua::Error::RuntimeError("request body too large".into()));
+                }
+                Err(e) => return Err(mlua::Error::RuntimeError(format!("failed to read request body: {e}"))),
+            };
             request::with("ngx.req.read_body", |r| {
                 r.body = Some(body);
                 r.body_read = true;

@@ -24,12 +24,26 @@ pub fn exiting() -> bool {
 fn append(out: &mut bytes::BytesMut, v: &Value, depth: usize) -> mlua::Result<()> {
     match v {
         Value::String(s) => out.put_slice(&s.as_bytes()),
-        Value::Integer(i) => out.put_slice(i.to_string().as_bytes()),
+        Value::Integer(i) => out.put_slice(super::format_number(*i as f64).as_bytes()),
         Value::Number(n) => out.put_slice(super::format_number(*n).as_bytes()),
         Value::Boolean(b) => out.put_slice(if *b { b"true" } else { b"false" }),
         Value::Nil => out.put_slice(b"nil"),
         Value::LightUserData(p) if p.0.is_null() => out.put_slice(b"null"),
         Value::Table(t) if depth < 32 => {
+            let len = t.raw_len();
+            let mut keys = 0usize;
+            for kv in t.clone().pairs::<Value, Value>() {
+                let (k, _) = kv?;
+                keys += 1;
+                if !matches!(k, Value::Integer(i) if i >= 1 && i as usize <= len)
+                    && !matches!(k, Value::Number(n) if n.fract() == 0.0 && n >= 1.0 && n as usize <= len)
+                {
+                    return Err(mlua::Error::RuntimeError("bad argument #1 to 'say' (non-array table found)".into()));
+                }
+            }
+            if keys != len {
+                return Err(mlua::Error::RuntimeError("bad argument #1 to 'say' (non-array table found)".into()));
+            }
             for item in t.clone().sequence_values::<Value>() {
                 append(out, &item?, depth + 1)?;
             }
@@ -49,12 +63,15 @@ fn output(args: MultiValue, newline: bool, api: &str) -> mlua::Result<(Option<i6
         if r.resp.eof {
             return Ok((None, Some("seen eof".to_string())));
         }
+        // All arguments are checked before anything is written, as lua-nginx-module does.
+        let mut out = bytes::BytesMut::new();
         for v in args.iter() {
-            append(&mut r.resp.body, v, 0)?;
+            append(&mut out, v, 0)?;
         }
         if newline {
-            r.resp.body.put_u8(b'\n');
+            out.put_u8(b'\n');
         }
+        r.resp.body.extend_from_slice(&out);
         Ok((Some(1), None))
     })?
 }

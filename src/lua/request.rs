@@ -140,6 +140,40 @@ pub type Shared = Rc<RefCell<LuaRequest>>;
 
 thread_local! {
     static CURRENT: RefCell<Option<Shared>> = const { RefCell::new(None) };
+    /// The phase of requestless code being polled (init_worker); timers otherwise.
+    static DETACHED: std::cell::Cell<Option<Phase>> = const { std::cell::Cell::new(None) };
+}
+
+/// What `ngx.get_phase()` reports for code running outside a request.
+pub fn detached_phase() -> Phase {
+    DETACHED.with(|d| d.get()).unwrap_or(Phase::Timer)
+}
+
+pin_project_lite::pin_project! {
+    /// Requestless code (init_worker) with its phase published while it is polled.
+    pub struct InPhase<F> {
+        phase: Phase,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> InPhase<F> {
+    pub fn new(phase: Phase, inner: F) -> Self {
+        Self { phase, inner }
+    }
+}
+
+impl<F: Future> Future for InPhase<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let previous = DETACHED.with(|d| d.replace(Some(*this.phase)));
+        let out = this.inner.poll(cx);
+        DETACHED.with(|d| d.set(previous));
+        out
+    }
 }
 
 /// The request being served by the running coroutine, if any.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 use super::compile::lua_message;
-use super::request::Shared;
+use super::request::{InPhase, Shared};
 use super::{budget, ngx, Phase, Script, Settings};
 
 /// How a phase ended.
@@ -155,7 +155,7 @@ impl Runtime {
                     let (done, notify) = (Rc::clone(&self.init_done), Rc::clone(&self.init_notify));
                     done.set(false);
                     tokio::task::spawn_local(async move {
-                        let fut = ngx::thread::scope(None, f.call_async::<()>(()));
+                        let fut = InPhase::new(Phase::InitWorker, ngx::thread::scope(None, f.call_async::<()>(())));
                         if let Err(e) = fut.await {
                             tracing::error!(target: "lua", script = %init.name, "init_worker failed: {}", lua_message(&e));
                         }

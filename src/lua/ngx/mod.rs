@@ -306,7 +306,8 @@ fn misc(lua: &Lua, ngx: &Table, settings: &Settings) -> mlua::Result<()> {
     ngx.set(
         "get_phase",
         lua.create_function(|_, ()| {
-            Ok(request::current().map_or("timer", |r| r.try_borrow().map_or("timer", |r| r.phase.name())))
+            let outside = request::detached_phase().name();
+            Ok(request::current().map_or(outside, |r| r.try_borrow().map_or(outside, |r| r.phase.name())))
         })?,
     )?;
     ngx.set(

@@ -75,15 +75,17 @@ pub fn get(generation: u64, settings: &Settings) -> mlua::Result<Rc<Runtime>> {
 /// Lua code run once per state: `pcall`/`xpcall` that cannot swallow
 /// `ngx.exit` or a stopped runaway script.
 const PRELUDE: &str = r#"
-local fatal = ...
+local fatal, message = ...
 local raw_pcall, raw_xpcall, error, select = pcall, xpcall, error, select
 local function pass(ok, ...)
-    if not ok and fatal((...)) then error((...), 0) end
-    return ok, ...
+    if ok then return ok, ... end
+    if fatal((...)) then error((...), 0) end
+    -- Errors raised in Rust reach Lua as error objects: scripts see their message, as in OpenResty.
+    return ok, message((...)), select(2, ...)
 end
 pcall = function(f, ...) return pass(raw_pcall(f, ...)) end
 xpcall = function(f, handler, ...)
-    return pass(raw_xpcall(f, function(e) if fatal(e) then return e end return handler(e) end, ...))
+    return pass(raw_xpcall(f, function(e) if fatal(e) then return e end return handler(message(e)) end, ...))
 end
 "#;
 
@@ -94,7 +96,11 @@ impl Runtime {
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().thread_pool_size(256))?;
         sandbox(&lua, settings)?;
         let fatal = lua.create_function(|_, _err: Value| Ok(budget::tripped() || ngx::resp::exiting()))?;
-        lua.load(PRELUDE).set_name("=luagate.prelude").call::<()>(fatal)?;
+        let message = lua.create_function(|lua, err: Value| match err {
+            Value::Error(e) => Ok(Value::String(lua.create_string(lua_message(&e))?)),
+            other => Ok(other),
+        })?;
+        lua.load(PRELUDE).set_name("=luagate.prelude").call::<()>((fatal, message))?;
         ngx::register(&lua, settings)?;
         // What package.loaded holds now is luagate's; anything later came from scripts.
         let loaded: Table = lua.globals().get::<Table>("package")?.get("loaded")?;

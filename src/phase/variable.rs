@@ -47,7 +47,27 @@ impl Variable {
     /// The variable's value for this request, or None when it is not set.
     pub fn eval<'a>(&self, req: &'a Parts, client: IpAddr) -> Option<Cow<'a, [u8]>> {
         match self {
-            Self::Header(h) => req.headers.get(h).map(|v| Cow::Borrowed(v.as_bytes())),
+            Self::Header(h) => {
+                // As nginx 1.22: repeated Cookie headers join with "; ", X-Forwarded-For with ", ";
+                // for other headers the first one counts.
+                let sep: &[u8] = match h.as_str() {
+                    "cookie" => b"; ",
+                    "x-forwarded-for" => b", ",
+                    _ => return req.headers.get(h).map(|v| Cow::Borrowed(v.as_bytes())),
+                };
+                let mut values = req.headers.get_all(h).iter();
+                let first = values.next()?;
+                let rest: Vec<&[u8]> = values.map(|v| v.as_bytes()).collect();
+                if rest.is_empty() {
+                    return Some(Cow::Borrowed(first.as_bytes()));
+                }
+                let mut joined = first.as_bytes().to_vec();
+                for v in rest {
+                    joined.extend_from_slice(sep);
+                    joined.extend_from_slice(v);
+                }
+                Some(Cow::Owned(joined))
+            }
             Self::Cookie(name) => req
                 .headers
                 .get_all(http::header::COOKIE)
@@ -90,6 +110,10 @@ mod tests {
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
         let v = |s: &str| Variable::parse(s).unwrap().eval(&p, ip).map(|c| c.into_owned());
         assert_eq!(v("$http_x_user"), Some(b"u1".to_vec()));
+        let two = parts("/", &[("cookie", "a=1"), ("cookie", "b=2"), ("x-other", "1"), ("x-other", "2")]);
+        let eval = |s: &str| Variable::parse(s).unwrap().eval(&two, ip).map(|c| c.into_owned());
+        assert_eq!(eval("$http_cookie"), Some(b"a=1; b=2".to_vec()));
+        assert_eq!(eval("$http_x_other"), Some(b"1".to_vec()));
         assert_eq!(v("$cookie_sid"), Some(b"abc".to_vec()));
         assert_eq!(v("$arg_page"), Some(b"7".to_vec()));
         assert_eq!(v("$arg_flag"), None);

@@ -57,7 +57,7 @@ pub struct UpstreamInfo {
 pub struct LuaRequest {
     pub parts: http::request::Parts,
     /// The request target as the client sent it (`ngx.var.request_uri`), whatever scripts change.
-    pub request_uri: String,
+    pub request_uri: http::uri::PathAndQuery,
     /// The request body once `ngx.req.read_body()` read it, or set by `set_body_data`.
     pub body: Option<Bytes>,
     /// The unread client body, until `read_body` takes it.
@@ -69,8 +69,6 @@ pub struct LuaRequest {
     pub server: SocketAddr,
     pub tls: bool,
     pub start: Instant,
-    /// Wall-clock start, seconds since the epoch (for `ngx.req.start_time`).
-    pub start_epoch: f64,
     pub phase: Phase,
     pub route: Arc<str>,
     pub ctx: Option<mlua::Table>,
@@ -92,6 +90,14 @@ pub struct LuaRequest {
 }
 
 impl LuaRequest {
+    /// Wall-clock start in seconds since the epoch (`ngx.req.start_time`), derived
+    /// when asked rather than read from the clock for every request.
+    pub fn start_epoch(&self) -> f64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let start = now.saturating_sub(self.start.elapsed());
+        (start.as_millis() as f64) / 1000.0
+    }
+
     pub fn new(
         parts: http::request::Parts,
         client: SocketAddr,
@@ -99,14 +105,12 @@ impl LuaRequest {
         tls: bool,
         route: Arc<str>,
     ) -> Self {
-        let start_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| (d.as_millis() as f64) / 1000.0);
         let grpc = crate::protocol::grpc::is_grpc(&parts.headers)
             .then(|| crate::protocol::grpc::parse_path(parts.uri.path()))
             .flatten()
             .map(|(s, m)| (s.to_string(), m.to_string()));
-        let request_uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let request_uri =
+            parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         Self {
             parts,
             request_uri,
@@ -118,7 +122,6 @@ impl LuaRequest {
             server,
             tls,
             start: Instant::now(),
-            start_epoch,
             phase: Phase::Rewrite,
             route,
             ctx: None,

@@ -132,7 +132,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             })
         })?,
     )?;
-    req.set("start_time", lua.create_function(|_, ()| request::with("ngx.req.start_time", |r| r.start_epoch))?)?;
+    req.set("start_time", lua.create_function(|_, ()| request::with("ngx.req.start_time", |r| r.start_epoch()))?)?;
     req.set("is_internal", lua.create_function(|_, ()| request::with("ngx.req.is_internal", |_| false))?)?;
     req.set(
         "read_body",

@@ -13,7 +13,7 @@ pub fn get(r: &LuaRequest, name: &str, declared: &[(String, String)]) -> Option<
     let s = |x: &str| Some(x.as_bytes().to_vec());
     match name {
         "uri" => s(p.uri.path()),
-        "request_uri" => s(&r.request_uri),
+        "request_uri" => s(r.request_uri.as_str()),
         "args" | "query_string" => p.uri.query().map(|q| q.as_bytes().to_vec()),
         "is_args" => s(if p.uri.query().is_some() { "?" } else { "" }),
         "remote_addr" => s(&r.client.ip().to_string()),

@@ -32,6 +32,12 @@ pub struct LuaResponse {
     pub body: BytesMut,
     /// `ngx.eof()` was called: no more output.
     pub eof: bool,
+    /// The response head went out (first `ngx.flush`, output past the buffer,
+    /// `ngx.eof`): status and headers are fixed.
+    pub headers_sent: bool,
+    /// Where output goes while a phase that may answer (rewrite, access,
+    /// content) runs; `None` in the other phases (output stays buffered).
+    pub stream: Option<super::ngx::resp::Stream>,
 }
 
 /// What the balancer phase asked for.

@@ -2,7 +2,9 @@
 //! whole: [`UpstreamBody`] (client → upstream: counts bytes, enforces the
 //! body size limit and the send timeout) and [`ResponseBody`] (upstream or
 //! luagate → client: counts bytes, enforces the read timeout and the request
-//! deadline, and runs the log phase when it ends or is dropped).
+//! deadline, and runs the log phase when it ends or is dropped). A Lua phase
+//! that flushed streams its output through a channel ([`Chunk`]s) while it
+//! runs on.
 
 use std::cell::Cell;
 use std::pin::Pin;
@@ -17,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::BoxError;
+use crate::lua::ngx::resp::Chunk;
 use crate::lua::request::Shared;
 use crate::lua::{Outcome, Phase, Runtime, Script};
 use crate::observe::access_log::LogRecord;
@@ -141,6 +144,8 @@ enum Inner {
     Full(Option<Bytes>),
     /// A proxy-made gRPC answer that ends with trailers (after a deadline or read timeout).
     Trailers(Option<HeaderMap>),
+    /// The output of a Lua phase still running (it flushed): ends when the phase drops the sender.
+    Channel(tokio::sync::mpsc::UnboundedReceiver<Chunk>),
 }
 
 /// The body sent to the client; its end (or drop) is the log phase.
@@ -152,10 +157,26 @@ pub struct ResponseBody {
     deadline: Option<Pin<Box<Sleep>>>,
     log: Option<LogRecord>,
     lua: Option<Box<LuaTail>>,
+    /// The Lua phase writing this body, still running: the log phase waits for its end.
+    writer: Option<tokio::task::JoinHandle<()>>,
     _in_flight: Option<InFlight>,
 }
 
 type PhaseFuture = Pin<Box<dyn Future<Output = Outcome>>>;
+
+/// `fut` (a phase of `req`) with `req.phase` set to `phase` whenever it is
+/// polled: a phase may run while another of the same request waits (a
+/// streaming content phase sleeps while body_filter runs on its output).
+pub async fn as_phase<F: Future>(req: Shared, phase: Phase, fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Ok(mut r) = req.try_borrow_mut() {
+            r.phase = phase;
+        }
+        fut.as_mut().poll(cx)
+    })
+    .await
+}
 
 /// A route's body_filter and log scripts, run as the body streams and after it.
 pub struct LuaTail {
@@ -182,15 +203,40 @@ impl LuaTail {
             r.chunk_eof = eof;
         }
         let (rt, req) = (Rc::clone(&self.runtime), Rc::clone(&self.req));
-        self.running = Some(Box::pin(async move { rt.run(Phase::BodyFilter, &script, &req).await }));
+        let run = async move { rt.run(Phase::BodyFilter, &script, &req).await };
+        self.running = Some(Box::pin(as_phase(Rc::clone(&self.req), Phase::BodyFilter, run)));
     }
 }
 
 impl ResponseBody {
     /// A body made by luagate itself.
     pub fn full(body: Bytes, log: Option<LogRecord>) -> Self {
-        let inner = Inner::Full((!body.is_empty()).then_some(body));
-        Self { inner, grpc: false, read_timeout: None, idle: None, deadline: None, log, lua: None, _in_flight: None }
+        Self::made(Inner::Full((!body.is_empty()).then_some(body)), log)
+    }
+
+    /// The output of a Lua phase that flushed, streamed as the phase writes it.
+    pub fn channel(rx: tokio::sync::mpsc::UnboundedReceiver<Chunk>, log: Option<LogRecord>) -> Self {
+        Self::made(Inner::Channel(rx), log)
+    }
+
+    fn made(inner: Inner, log: Option<LogRecord>) -> Self {
+        Self {
+            inner,
+            grpc: false,
+            read_timeout: None,
+            idle: None,
+            deadline: None,
+            log,
+            lua: None,
+            writer: None,
+            _in_flight: None,
+        }
+    }
+
+    /// The Lua phase still running after it answered: the log phase runs after it ends.
+    pub fn written_by(mut self, task: tokio::task::JoinHandle<()>) -> Self {
+        self.writer = Some(task);
+        self
     }
 
     /// A streamed upstream body. `deadline` ends it (gRPC: with
@@ -211,6 +257,7 @@ impl ResponseBody {
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             log: Some(log),
             lua: None,
+            writer: None,
             _in_flight: Some(in_flight),
         }
     }
@@ -276,6 +323,23 @@ impl ResponseBody {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Trailers(t) => Poll::Ready(t.take().map(|t| Ok(Frame::trailers(t)))),
             Inner::Upstream(body) => Pin::new(body).poll_frame(cx).map(|o| o.map(|r| r.map_err(BoxError::from))),
+            Inner::Channel(rx) => loop {
+                match ready!(rx.poll_recv(cx)) {
+                    Some(Chunk::Data(b)) if b.is_empty() => {}
+                    Some(Chunk::Data(b)) => break Poll::Ready(Some(Ok(Frame::data(b)))),
+                    Some(Chunk::Flushed(ack)) => {
+                        let _ = ack.send(());
+                    }
+                    Some(Chunk::Abort(msg)) => {
+                        if let Some(log) = &mut self.log {
+                            log.error = Some(msg);
+                        }
+                        self.inner = Inner::Trailers(None);
+                        return Poll::Ready(Some(Err("the Lua phase failed after sending the response head".into())));
+                    }
+                    None => break Poll::Ready(None),
+                }
+            },
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -375,6 +439,7 @@ impl Body for ResponseBody {
             Inner::Full(b) => b.is_none(),
             Inner::Trailers(t) => t.is_none(),
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Channel(_) => false,
         }
     }
 
@@ -384,7 +449,7 @@ impl Body for ResponseBody {
         }
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Trailers(_) => SizeHint::default(),
+            Inner::Trailers(_) | Inner::Channel(_) => SizeHint::default(),
             Inner::Upstream(b) => b.size_hint(),
         }
     }
@@ -408,7 +473,12 @@ impl Drop for ResponseBody {
             }
         }
         // The log phase runs after the response, on its own task: it never delays the client.
+        // A content phase still running after it answered (ngx.eof, or the client left) ends first.
+        let writer = self.writer.take();
         tokio::task::spawn_local(async move {
+            if let Some(writer) = writer {
+                let _ = writer.await;
+            }
             tail.runtime.run(Phase::Log, &script, &tail.req).await;
         });
     }

@@ -3,22 +3,31 @@
 //! instead of it, balancer at each try, header_filter on the response head,
 //! body_filter and log through the response body (`body::LuaTail`).
 //! Routes without scripts never come here.
+//!
+//! The phases that may answer run with an output stream (`resp::Stream`):
+//! when the script sends the head before it ends (`ngx.flush`, output past
+//! the buffer, `ngx.eof`), the response goes out at once and the rest of the
+//! phase runs on in its own task, writing the body as it goes.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::body::{LuaTail, ResponseBody};
+use super::body::{as_phase, LuaTail, ResponseBody};
 use super::pipeline::ConnInfo;
 use super::respond;
 use crate::config::snapshot::Route;
 use crate::config::Snapshot;
 use crate::error::ProxyError;
+use crate::lua::ngx::resp;
 use crate::lua::request::{LuaRequest, Shared};
 use crate::lua::{runtime, Outcome, Phase, RouteLua, Runtime, Script};
 use crate::observe::access_log::LogRecord;
@@ -41,6 +50,14 @@ pub struct LuaCtx {
 pub enum Flow {
     Continue,
     Respond(Box<Response<ResponseBody>>),
+}
+
+/// How a phase that may answer went.
+enum Ran {
+    /// It ended without sending the head.
+    Done(Outcome),
+    /// It sent the head: the response, its body written by the phase (maybe still running).
+    Answered(Box<Response<ResponseBody>>),
 }
 
 impl LuaCtx {
@@ -74,10 +91,12 @@ impl LuaCtx {
     pub async fn request_phases(&self, log: &mut Option<LogRecord>) -> Flow {
         for (phase, script) in [(Phase::Rewrite, &self.scripts.rewrite), (Phase::Access, &self.scripts.access)] {
             let Some(script) = script else { continue };
-            match self.runtime.run(phase, script, &self.req).await {
-                Outcome::Continue => {}
-                Outcome::Exit(code) => return Flow::Respond(Box::new(self.exit_response(code, log.take()))),
-                Outcome::Error(msg) => {
+            match self.answering(phase, script, log).await {
+                // Headers sent: the request is answered, whatever the phase returned (as lua-nginx-module).
+                Ran::Answered(resp) => return Flow::Respond(resp),
+                Ran::Done(Outcome::Continue) => {}
+                Ran::Done(Outcome::Exit(code)) => return Flow::Respond(Box::new(self.exit_response(code, log.take()))),
+                Ran::Done(Outcome::Error(msg)) => {
                     return Flow::Respond(Box::new(respond::error(&ProxyError::Lua(msg), self.is_grpc, log.take())))
                 }
             }
@@ -86,15 +105,76 @@ impl LuaCtx {
     }
 
     /// The content phase answers instead of an upstream.
-    pub async fn content(&self, log: Option<LogRecord>) -> Response<ResponseBody> {
+    pub async fn content(&self, mut log: Option<LogRecord>) -> Response<ResponseBody> {
         let Some(script) = &self.scripts.content else {
             return respond::error(&ProxyError::Lua("route has no content script".into()), self.is_grpc, log);
         };
-        match self.runtime.run(Phase::Content, script, &self.req).await {
-            Outcome::Continue => self.exit_response(0, log),
-            Outcome::Exit(code) => self.exit_response(code, log),
-            Outcome::Error(msg) => respond::error(&ProxyError::Lua(msg), self.is_grpc, log),
+        match self.answering(Phase::Content, script, &mut log).await {
+            Ran::Answered(resp) => *resp,
+            Ran::Done(Outcome::Continue) => self.exit_response(0, log),
+            Ran::Done(Outcome::Exit(code)) => self.exit_response(code, log),
+            Ran::Done(Outcome::Error(msg)) => respond::error(&ProxyError::Lua(msg), self.is_grpc, log),
         }
+    }
+
+    /// Run a phase that may answer with an output stream. It is polled here
+    /// until it ends or sends the head; in the latter case the response is
+    /// built at once and the phase, if not over, goes on in its own task.
+    async fn answering(&self, phase: Phase, script: &Arc<Script>, log: &mut Option<LogRecord>) -> Ran {
+        self.req.borrow_mut().resp.stream = Some(resp::Stream::default());
+        let (rt, req, script) = (Rc::clone(&self.runtime), Rc::clone(&self.req), Arc::clone(script));
+        let run = async move { rt.run(phase, &script, &req).await };
+        let mut fut: Pin<Box<dyn Future<Output = Outcome>>> = Box::pin(as_phase(Rc::clone(&self.req), phase, run));
+        let ended = std::future::poll_fn(|cx| {
+            if let Poll::Ready(outcome) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(outcome));
+            }
+            let mut r = self.req.borrow_mut();
+            if r.resp.headers_sent {
+                return Poll::Ready(None);
+            }
+            if let Some(stream) = &mut r.resp.stream {
+                stream.set_waker(cx.waker());
+            }
+            Poll::Pending
+        })
+        .await;
+        if !self.req.borrow().resp.headers_sent {
+            self.req.borrow_mut().resp.stream = None;
+            return Ran::Done(ended.unwrap_or(Outcome::Continue));
+        }
+        let resp = self.head_response(log.take());
+        let Some(outcome) = ended else {
+            let req = Rc::clone(&self.req);
+            let task = tokio::task::spawn_local(async move {
+                let outcome = fut.await;
+                end_stream(&req, outcome);
+            });
+            let (head, body) = resp.into_parts();
+            return Ran::Answered(Box::new(Response::from_parts(head, body.written_by(task))));
+        };
+        end_stream(&self.req, outcome);
+        Ran::Answered(Box::new(resp))
+    }
+
+    /// The response once the head went out: the body streams from the
+    /// phase's output, or (`ngx.eof` before any flush) is the buffered output.
+    fn head_response(&self, mut log: Option<LogRecord>) -> Response<ResponseBody> {
+        let rx = self.req.borrow_mut().resp.stream.as_mut().and_then(|s| s.take_receiver());
+        let Some(rx) = rx else { return self.exit_response(0, log) };
+        let mut r = self.req.borrow_mut();
+        let status = StatusCode::from_u16(r.resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut headers = std::mem::take(&mut r.resp.headers);
+        if !headers.contains_key(http::header::CONTENT_TYPE) {
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        if let Some(log) = &mut log {
+            log.status = status.as_u16();
+        }
+        let mut resp = Response::new(ResponseBody::channel(rx, log));
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        resp
     }
 
     /// The answer for `ngx.exit(code)` (0 = the output so far, as a finished content phase).
@@ -177,23 +257,10 @@ impl LuaCtx {
         {
             let mut r = self.req.borrow_mut();
             r.resp.status = head.status.as_u16();
-            // Headers scripts set before the response existed (rewrite/access) are added to it.
-            let early = std::mem::replace(&mut r.resp.headers, std::mem::take(&mut head.headers));
-            let mut last = None;
-            for (name, value) in early {
-                let name = match name {
-                    Some(n) => {
-                        r.resp.headers.remove(&n);
-                        last = Some(n.clone());
-                        n
-                    }
-                    None => match &last {
-                        Some(n) => n.clone(),
-                        None => continue,
-                    },
-                };
-                r.resp.headers.append(name, value);
-            }
+            // Headers scripts set before the response existed (rewrite/access) replace the response's own.
+            let early = std::mem::take(&mut r.resp.headers);
+            r.resp.headers = std::mem::take(&mut head.headers);
+            r.resp.headers.extend(early);
             if let Some((addr, time)) = upstream {
                 r.upstream.addr = Some(addr);
                 r.upstream.status = Some(head.status.as_u16());
@@ -202,7 +269,14 @@ impl LuaCtx {
         }
         let mut body = body;
         if let Some(script) = &self.scripts.header_filter {
-            if let Outcome::Error(msg) = self.runtime.run(Phase::HeaderFilter, script, &self.req).await {
+            // A phase that answered may still run: its ngx.exit state is its own.
+            let exit = self.req.borrow().exit;
+            let run = self.runtime.run(Phase::HeaderFilter, script, &self.req);
+            let outcome = as_phase(Rc::clone(&self.req), Phase::HeaderFilter, run).await;
+            if self.req.borrow().resp.headers_sent {
+                self.req.borrow_mut().exit = exit;
+            }
+            if let Outcome::Error(msg) = outcome {
                 let mut r = self.req.borrow_mut();
                 r.resp.status = 500;
                 drop(r);
@@ -213,7 +287,9 @@ impl LuaCtx {
         {
             let mut r = self.req.borrow_mut();
             head.status = StatusCode::from_u16(r.resp.status).unwrap_or(head.status);
-            head.headers = std::mem::take(&mut r.resp.headers);
+            // A phase still running after it answered reads the headers it sent.
+            head.headers =
+                if r.resp.headers_sent { r.resp.headers.clone() } else { std::mem::take(&mut r.resp.headers) };
             if self.scripts.body_filter.is_some() {
                 head.headers.remove(http::header::CONTENT_LENGTH);
             }
@@ -230,6 +306,18 @@ impl LuaCtx {
         }
         Response::from_parts(head, body)
     }
+}
+
+/// A phase that answered ended: the rest of its output ends the body; a
+/// failure (error, stopped script, `ngx.exit(ngx.ERROR)`) cuts it. Lua
+/// errors were logged by the runtime.
+fn end_stream(req: &Shared, outcome: Outcome) {
+    let failure = match outcome {
+        Outcome::Error(msg) => Some(msg),
+        Outcome::Exit(-1) => Some("ngx.exit(ngx.ERROR) after sending the response head".to_string()),
+        Outcome::Continue | Outcome::Exit(_) => None,
+    };
+    resp::finish(&mut req.borrow_mut(), failure);
 }
 
 /// The balancer phase, run before each try.

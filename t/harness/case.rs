@@ -281,6 +281,11 @@ pub struct HttpExpect {
     pub version: Option<String>,
     /// Milliseconds from sending to the end of the body.
     pub time_ms: Option<Matcher>,
+    /// Milliseconds from sending to the first body byte (to the end when the body is empty).
+    pub first_byte_ms: Option<Matcher>,
+    /// The body is cut (connection closed or stream reset before its end); `body*` see what came before.
+    #[serde(default)]
+    pub cut: bool,
 }
 
 /// gRPC method of `echo.v1.Echo`.

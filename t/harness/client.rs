@@ -37,8 +37,32 @@ pub struct HttpResponse {
     pub status: u16,
     pub version: http::Version,
     pub headers: http::HeaderMap,
+    /// The body (what came before the cut, if `cut`).
     pub body: Bytes,
     pub elapsed: Duration,
+    /// From sending to the first body byte (to the end when the body is empty).
+    pub first_byte: Duration,
+    /// The body ended in an error (connection closed or stream reset before its end).
+    pub cut: Option<String>,
+}
+
+/// Reads `body` frame by frame: the bytes, when the first came, and the error that ended it, if any.
+async fn read_body(mut body: hyper::body::Incoming, start: Instant) -> (Bytes, Duration, Option<String>) {
+    let mut out = bytes::BytesMut::new();
+    let mut first = None;
+    let cut = loop {
+        match body.frame().await {
+            None => break None,
+            Some(Err(e)) => break Some(format!("reading the body failed: {}", error_chain(&e))),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref().filter(|d| !d.is_empty()) {
+                    first.get_or_insert_with(|| start.elapsed());
+                    out.extend_from_slice(data);
+                }
+            }
+        }
+    };
+    (out.freeze(), first.unwrap_or_else(|| start.elapsed()), cut)
 }
 
 type Body = Full<Bytes>;
@@ -63,8 +87,23 @@ impl HttpClient {
         Ok(Self { tls_h1, tls_h2, idle_h1: Mutex::new(HashMap::new()), h2: Mutex::new(HashMap::new()) })
     }
 
-    /// Sends `req` (URI: path and query only) to `addr`; reads the whole answer.
+    /// Sends `req` (URI: path and query only) to `addr`; reads the whole answer
+    /// (a body cut before its end is an error).
     pub async fn send(
+        &self,
+        addr: SocketAddr,
+        version: HttpVersion,
+        req: http::Request<Body>,
+    ) -> Result<HttpResponse, String> {
+        let resp = self.send_allow_cut(addr, version, req).await?;
+        match resp.cut {
+            Some(e) => Err(e),
+            None => Ok(resp),
+        }
+    }
+
+    /// Like `send`, but a body cut before its end is reported in `cut`.
+    pub async fn send_allow_cut(
         &self,
         addr: SocketAddr,
         version: HttpVersion,
@@ -97,16 +136,13 @@ impl HttpClient {
                     .await
                     .map_err(|e| format!("HTTP/1.1 request failed: {}", error_chain(&e)))?;
                 let (parts, body) = resp.into_parts();
-                let body = body
-                    .collect()
-                    .await
-                    .map_err(|e| format!("reading the body failed: {}", error_chain(&e)))?
-                    .to_bytes();
-                let close = parts
-                    .headers
-                    .get_all(http::header::CONNECTION)
-                    .iter()
-                    .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("close")));
+                let (body, first_byte, cut) = read_body(body, start).await;
+                let close = cut.is_some()
+                    || parts
+                        .headers
+                        .get_all(http::header::CONNECTION)
+                        .iter()
+                        .any(|v| v.to_str().is_ok_and(|v| v.to_ascii_lowercase().contains("close")));
                 if !close && !sender.is_closed() && parts.version == http::Version::HTTP_11 {
                     lock(&self.idle_h1).entry(key).or_default().push(sender);
                 }
@@ -116,6 +152,8 @@ impl HttpClient {
                     headers: parts.headers,
                     body,
                     elapsed: start.elapsed(),
+                    first_byte,
+                    cut,
                 })
             }
             HttpVersion::H2c | HttpVersion::TlsH2 => {
@@ -133,17 +171,15 @@ impl HttpClient {
                     .await
                     .map_err(|e| format!("HTTP/2 request failed: {}", error_chain(&e)))?;
                 let (parts, body) = resp.into_parts();
-                let body = body
-                    .collect()
-                    .await
-                    .map_err(|e| format!("reading the body failed: {}", error_chain(&e)))?
-                    .to_bytes();
+                let (body, first_byte, cut) = read_body(body, start).await;
                 Ok(HttpResponse {
                     status: parts.status.as_u16(),
                     version: parts.version,
                     headers: parts.headers,
                     body,
                     elapsed: start.elapsed(),
+                    first_byte,
+                    cut,
                 })
             }
         }

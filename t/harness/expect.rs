@@ -252,6 +252,17 @@ pub fn check_http(exp: &HttpExpect, resp: &HttpResponse, sent_body: &[u8]) -> Re
             errors.push(format!("time_ms: {e}"));
         }
     }
+    if let Some(m) = &exp.first_byte_ms {
+        let ms = J::from(resp.first_byte.as_millis() as u64);
+        if let Err(e) = matches(m, Some(&ms)) {
+            errors.push(format!("first_byte_ms: {e}"));
+        }
+    }
+    match (&resp.cut, exp.cut) {
+        (Some(e), false) => errors.push(e.clone()),
+        (None, true) => errors.push("cut: expected the body to be cut, it ended normally".into()),
+        _ => {}
+    }
     if !errors.is_empty() && !errors.iter().all(|e| e.starts_with("body")) {
         errors.push(format!("(response body: {:?})", preview(&resp.body, 300)));
     }

@@ -331,7 +331,7 @@ impl Run {
                         }
                     }
                     let r = b.body(Full::new(body.clone())).map_err(|e| format!("cannot build the request: {e}"))?;
-                    let resp = self.http.send(addr, req.http, r).await.map_err(|e| nth(k, *repeat, e))?;
+                    let resp = self.http.send_allow_cut(addr, req.http, r).await.map_err(|e| nth(k, *repeat, e))?;
                     expect::check_http(expect, &resp, &body).map_err(|e| nth(k, *repeat, e))?;
                     if let Some(v) = resp.headers.get("x-backend") {
                         let name = String::from_utf8_lossy(v.as_bytes()).into_owned();

@@ -26,15 +26,18 @@
 //! under a memory limit, and both loops are iterative, so deep documents cannot exhaust the Rust
 //! stack.
 //!
-//! Errors are raised as plain strings through a tiny Lua wrapper (`error(msg, 2)`), so they carry
-//! the caller's `file:line:` prefix exactly when LuaJIT would add one for a C function, and
-//! argument errors read "bad argument #1 to 'decode' (string expected, got nil)".
+//! Errors are raised as plain strings through the `ngx` API wrapper (`error(msg, 2)`, see
+//! [`super::raise`]), so they carry the caller's `file:line:` prefix exactly when LuaJIT would add
+//! one for a C function, and argument errors read "bad argument #1 to 'decode' (string expected,
+//! got nil)".
 
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_int, c_void};
 use std::rc::Rc;
 
-use mlua::{ffi, Function, LightUserData, Lua, LuaString, MultiValue, RegistryKey, Table, Value};
+use mlua::{ffi, LightUserData, Lua, LuaString, MultiValue, RegistryKey, Table, Value};
+
+use super::raise::{api_function, raise};
 
 /// `cjson._VERSION`.
 const VERSION: &str = "2.1.0.11";
@@ -50,32 +53,9 @@ fn empty_array() -> LightUserData {
     LightUserData(std::ptr::addr_of!(EMPTY_ARRAY_TAG) as *mut c_void)
 }
 
-/// Wrappers turning the raw Rust functions' status results into real Lua errors (strings), with
-/// the location prefix LuaJIT adds for errors raised by C functions.
-const GLUE: &str = r#"
-local error = error
-local function wrap1(raw)
-  return function(...)
-    local st, v = raw(...)
-    if st == 1 then return v end
-    if st == 3 then return nil, v end
-    error(v, 2)
-  end
-end
-local function wrap3(raw)
-  return function(...)
-    local st, a, b, c = raw(...)
-    if st == 1 then return a, b, c end
-    error(a, 2)
-  end
-end
-return wrap1, wrap3
-"#;
-
 /// Make `require "cjson"` and `require "cjson.safe"` work (package.preload or package.loaded),
 /// sharing `null` with `ngx.null`.
 pub fn register(lua: &mlua::Lua, null: mlua::Value) -> mlua::Result<()> {
-    let (wrap1, wrap3): (Function, Function) = lua.load(GLUE).set_name("=cjson").eval()?;
     let (array_mt, empty_array_mt) = (lua.create_table()?, lua.create_table()?);
     let shared = Rc::new(Shared {
         null_key: lua.create_registry_value(null.clone())?,
@@ -85,8 +65,6 @@ pub fn register(lua: &mlua::Lua, null: mlua::Value) -> mlua::Result<()> {
         array_mt,
         empty_array_mt,
         escape_slash: Cell::new(true),
-        wrap1,
-        wrap3,
     });
     let package: Table = lua.globals().get("package")?;
     let preload: Table = package.get("preload")?;
@@ -110,8 +88,6 @@ struct Shared {
     /// lua-cjson keeps the `/` escape in a process-wide table; every instance sees the last
     /// `encode_escape_forward_slash` call.
     escape_slash: Cell<bool>,
-    wrap1: Function,
-    wrap3: Function,
 }
 
 #[derive(Clone, Copy)]
@@ -177,18 +153,6 @@ impl From<mlua::Error> for Fail {
 
 type Res<T> = Result<T, Fail>;
 
-/// Status codes understood by the Lua wrappers.
-const ST_OK: i64 = 1;
-const ST_THROW: i64 = 2;
-const ST_RETURN: i64 = 3;
-
-fn status(st: i64, vals: impl IntoIterator<Item = Value>) -> mlua::Result<MultiValue> {
-    let mut out = MultiValue::new();
-    out.push_back(Value::Integer(st));
-    out.extend(vals);
-    Ok(out)
-}
-
 /// The name LuaJIT's `luaL_argerror` would give the function running one level up (the wrapper).
 fn arg_message(lua: &Lua, mut narg: usize, msg: &str) -> String {
     let (name, method) = lua
@@ -207,31 +171,23 @@ fn arg_message(lua: &Lua, mut narg: usize, msg: &str) -> String {
     format!("bad argument #{narg} to '{name}' ({msg})")
 }
 
-/// Turns a result into the wrapper protocol. `safe`: errors are returned (`cjson.safe`), and
-/// argument errors name the function `?` as they do under lua-cjson's internal `pcall`.
+/// Turns a result into what the API function returns or raises (see [`super::raise`]). `safe`:
+/// errors are returned as `nil, err` (`cjson.safe`), and argument errors name the function `?` as
+/// they do under lua-cjson's internal `pcall`.
 fn finish(lua: &Lua, safe: bool, res: Res<Vec<Value>>) -> mlua::Result<MultiValue> {
+    let soft = |msg: String| Ok(MultiValue::from_vec(vec![Value::Nil, Value::String(lua.create_string(msg)?)]));
     match res {
-        Ok(vals) => status(ST_OK, vals),
+        Ok(vals) => Ok(MultiValue::from_vec(vals)),
         // What a C module would see: a string error (in `cjson.safe`, from its `lua_pcall`).
         Err(Fail::Lua(mlua::Error::MemoryError(_))) if safe => {
-            status(ST_THROW, [Value::String(lua.create_string("Memory allocation error in CJSON protected call")?)])
+            raise(lua, "Memory allocation error in CJSON protected call")
         }
-        Err(Fail::Lua(mlua::Error::MemoryError(_))) => {
-            status(ST_THROW, [Value::String(lua.create_string("not enough memory")?)])
-        }
+        Err(Fail::Lua(mlua::Error::MemoryError(_))) => raise(lua, "not enough memory"),
         Err(Fail::Lua(e)) => Err(e),
-        Err(Fail::Run(msg)) => {
-            let st = if safe { ST_RETURN } else { ST_THROW };
-            status(st, [Value::String(lua.create_string(msg)?)])
-        }
-        Err(Fail::Arg(narg, msg)) => {
-            let (st, text) = if safe {
-                (ST_RETURN, format!("bad argument #{narg} to '?' ({msg})"))
-            } else {
-                (ST_THROW, arg_message(lua, narg, &msg))
-            };
-            status(st, [Value::String(lua.create_string(text)?)])
-        }
+        Err(Fail::Run(msg)) if safe => soft(msg),
+        Err(Fail::Run(msg)) => raise(lua, msg),
+        Err(Fail::Arg(narg, msg)) if safe => soft(format!("bad argument #{narg} to '?' ({msg})")),
+        Err(Fail::Arg(narg, msg)) => raise(lua, arg_message(lua, narg, &msg)),
     }
 }
 
@@ -257,28 +213,26 @@ fn new_instance(lua: &Lua, shared: &Rc<Shared>, safe: bool) -> mlua::Result<Tabl
     let m = lua.create_table()?;
 
     let (sh, ins) = (shared.clone(), inst.clone());
-    let encode = lua.create_function(move |lua, args: MultiValue| {
+    let encode = api_function(lua, move |lua, args| {
         if args.len() != 1 {
-            let msg = arg_message(lua, 1, "expected 1 argument");
-            return status(ST_THROW, [Value::String(lua.create_string(msg)?)]);
+            return raise(lua, arg_message(lua, 1, "expected 1 argument"));
         }
         let v = args.into_iter().next().unwrap_or(Value::Nil);
         let res = encode_value(lua, &sh, &ins, v).map(|s| vec![Value::String(s)]);
         finish(lua, safe, res)
     })?;
-    m.raw_set("encode", shared.wrap1.call::<Function>(encode)?)?;
+    m.raw_set("encode", encode)?;
 
     let (sh, ins) = (shared.clone(), inst.clone());
-    let decode = lua.create_function(move |lua, args: MultiValue| {
+    let decode = api_function(lua, move |lua, args| {
         if args.len() != 1 {
-            let msg = arg_message(lua, 1, "expected 1 argument");
-            return status(ST_THROW, [Value::String(lua.create_string(msg)?)]);
+            return raise(lua, arg_message(lua, 1, "expected 1 argument"));
         }
         let v = args.into_iter().next().unwrap_or(Value::Nil);
         let res = decode_value(lua, &sh, &ins, v).map(|v| vec![v]);
         finish(lua, safe, res)
     })?;
-    m.raw_set("decode", shared.wrap1.call::<Function>(decode)?)?;
+    m.raw_set("decode", decode)?;
 
     type CfgFn = fn(&Lua, &Shared, &mut Config, &[Value]) -> Res<Vec<Value>>;
     let cfg_fns: [(&str, usize, CfgFn); 11] = [
@@ -308,7 +262,7 @@ fn new_instance(lua: &Lua, shared: &Rc<Shared>, safe: bool) -> mlua::Result<Tabl
     ];
     for (name, nargs, f) in cfg_fns {
         let (sh, ins) = (shared.clone(), inst.clone());
-        let raw = lua.create_function(move |lua, args: MultiValue| {
+        let f = api_function(lua, move |lua, args| {
             let res = if args.len() > nargs {
                 Err(Fail::Arg(nargs + 1, "found too many arguments".into()))
             } else {
@@ -322,8 +276,7 @@ fn new_instance(lua: &Lua, shared: &Rc<Shared>, safe: bool) -> mlua::Result<Tabl
             };
             finish(lua, false, res)
         })?;
-        let wrap = if nargs == 3 { &shared.wrap3 } else { &shared.wrap1 };
-        m.raw_set(name, wrap.call::<Function>(raw)?)?;
+        m.raw_set(name, f)?;
     }
 
     let sh = shared.clone();

@@ -9,6 +9,7 @@
 
 pub mod json;
 pub mod log;
+pub(crate) mod raise;
 pub mod re;
 pub mod req;
 pub mod resp;
@@ -62,7 +63,6 @@ ngx.req.get_post_args = function(max)
     if not body then return {} end
     return ngx.decode_args(body, max or 100)
 end
-ngx.headers_sent = false
 "#;
 
 /// `%.14g`, the way lua-nginx-module prints numbers.
@@ -188,7 +188,7 @@ fn constants(ngx: &Table) -> mlua::Result<()> {
     Ok(())
 }
 
-/// `ngx.ctx` and `ngx.status` are per request: served by `ngx`'s metatable.
+/// `ngx.ctx`, `ngx.status` and `ngx.headers_sent` are per request: served by `ngx`'s metatable.
 fn dynamic_fields(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let mt = lua.create_table()?;
     mt.set(
@@ -208,6 +208,7 @@ fn dynamic_fields(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     Ok(Value::Table(t))
                 }
                 "status" => Ok(Value::Integer(resp::status()?)),
+                "headers_sent" => Ok(Value::Boolean(resp::headers_sent())),
                 _ => Ok(Value::Nil),
             }
         })?,

@@ -16,7 +16,8 @@ use hashlink::LruCache;
 use mlua::{Function, Lua, LuaString, MultiValue, Result, Table, Value};
 use pcre2_sys::*;
 
-use super::util::{api_function, arg, arg_error, number, one, raise, rethrow, tostring, type_error, type_name};
+use super::raise::{api_function, raise, rethrow};
+use super::util::{arg, arg_error, number, one, tostring, type_error, type_name};
 
 /// Compiled patterns kept per Lua state.
 const CACHE_ENTRIES: usize = 1024;

@@ -1,18 +1,158 @@
 //! The response side of `ngx`: `ngx.say`, `ngx.print`, `ngx.flush`,
 //! `ngx.eof`, `ngx.exit`, `ngx.redirect`, `ngx.status` and `ngx.header`.
 //!
-//! Output is buffered in the request and sent when the phase that wrote it
-//! ends (see docs/lua.md: luagate does not stream `ngx.say` output before the
-//! content phase returns). `ngx.exit` ends the running phase by raising a
+//! Output is buffered in the request. In the phases that may answer
+//! (rewrite, access, content: those that get a [`Stream`]), the first
+//! `ngx.flush`, output beyond [`OUTPUT_BUFFER`] or `ngx.eof` sends the
+//! response head (`headers_sent`); from then on output goes to the client as
+//! body chunks through the stream's channel (`phase::body` reads it) while
+//! the script runs on. Without any of these, the response is sent when the
+//! phase ends, in one piece. `ngx.exit` ends the running phase by raising a
 //! sentinel error that the `pcall` wrapper lets through, where OpenResty
 //! yields instead.
 
-use bytes::BufMut;
+use std::task::Waker;
+
+use bytes::{BufMut, Bytes};
 use http::{HeaderName, HeaderValue};
 use mlua::{Lua, MultiValue, Table, Value};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::lua::request;
+use crate::lua::request::{self, LuaRequest};
 use crate::lua::Phase;
+
+/// Output a phase may buffer before the head goes out by itself (nginx's
+/// output buffers).
+pub const OUTPUT_BUFFER: usize = 64 * 1024;
+
+/// What a streamed response body carries, in order.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Bytes),
+    /// `ngx.flush(true)`: answered once everything before it was handed to the connection.
+    Flushed(oneshot::Sender<()>),
+    /// The phase failed after the head went out: the body is cut.
+    Abort(String),
+}
+
+/// The output side of a phase that may answer (see `LuaResponse::stream`).
+#[derive(Debug, Default)]
+pub struct Stream {
+    /// Body chunks, from the first flush until the body ends (eof, end of phase).
+    tx: Option<mpsc::UnboundedSender<Chunk>>,
+    /// Their receiving end, until the pipeline takes it with the head.
+    rx: Option<mpsc::UnboundedReceiver<Chunk>>,
+    /// The channel was opened (the body streams).
+    opened: bool,
+    /// The pipeline, waiting for the head or the end of the phase.
+    waker: Option<Waker>,
+}
+
+impl Stream {
+    /// Wake `waker` when the head goes out (a light thread may send it).
+    pub fn set_waker(&mut self, waker: &Waker) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            self.waker = Some(waker.clone());
+        }
+    }
+
+    /// The body's receiving end: `None` when the head went out with the whole body (`ngx.eof` before any flush).
+    pub fn take_receiver(&mut self) -> Option<mpsc::UnboundedReceiver<Chunk>> {
+        self.rx.take()
+    }
+
+    fn send(&mut self, chunk: Chunk) -> Result<(), ()> {
+        if self.tx.is_none() && !self.opened {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (self.tx, self.rx, self.opened) = (Some(tx), Some(rx), true);
+        }
+        self.tx.as_ref().ok_or(())?.send(chunk).map_err(|_| ())
+    }
+}
+
+/// Fix the status and headers and let the pipeline send them.
+fn send_head(r: &mut LuaRequest) {
+    if r.resp.headers_sent {
+        return;
+    }
+    r.resp.headers_sent = true;
+    if r.resp.status == 0 {
+        r.resp.status = 200;
+    }
+    if let Some(waker) = r.resp.stream.as_mut().and_then(|s| s.waker.take()) {
+        waker.wake();
+    }
+}
+
+/// Send the head if not yet sent and the buffered output as a body chunk;
+/// `Err` when the client is gone. Only in phases with a stream.
+fn push(r: &mut LuaRequest) -> Result<(), ()> {
+    send_head(r);
+    let body = r.resp.body.split().freeze();
+    let Some(stream) = r.resp.stream.as_mut() else { return Ok(()) };
+    if body.is_empty() && stream.opened {
+        return if stream.tx.as_ref().is_some_and(|tx| !tx.is_closed()) { Ok(()) } else { Err(()) };
+    }
+    stream.send(Chunk::Data(body))
+}
+
+/// The phase that owned `r`'s stream ended after the head went out: send
+/// what is left and end the body, or cut it (`failure`).
+pub fn finish(r: &mut LuaRequest, failure: Option<String>) {
+    let Some(mut stream) = r.resp.stream.take() else { return };
+    let rest = r.resp.body.split().freeze();
+    if let Some(tx) = stream.tx.take() {
+        if !rest.is_empty() {
+            let _ = tx.send(Chunk::Data(rest));
+        }
+        if let Some(msg) = failure {
+            let _ = tx.send(Chunk::Abort(msg));
+        }
+    }
+}
+
+/// `ngx.headers_sent`: the head went out (nginx sets it after the header filters ran).
+pub fn headers_sent() -> bool {
+    request::current().is_some_and(|r| {
+        r.try_borrow().is_ok_and(|r| match r.phase {
+            Phase::HeaderFilter => false,
+            Phase::BodyFilter | Phase::Log => true,
+            _ => r.resp.headers_sent,
+        })
+    })
+}
+
+/// `ngx.flush(wait?)`.
+async fn flush(wait: bool) -> mlua::Result<(Option<i64>, Option<&'static str>)> {
+    let ack = request::with("ngx.flush", |r| -> Result<Option<oneshot::Receiver<()>>, &'static str> {
+        if r.resp.eof {
+            return Err("seen eof");
+        }
+        if r.resp.stream.is_none() {
+            return Ok(None);
+        }
+        if !r.resp.headers_sent && r.resp.body.is_empty() {
+            return Err("nothing to flush");
+        }
+        push(r).map_err(|()| "nginx output filter error")?;
+        if !wait {
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        let stream = r.resp.stream.as_mut().ok_or("nginx output filter error")?;
+        stream.send(Chunk::Flushed(tx)).map_err(|()| "nginx output filter error")?;
+        Ok(Some(rx))
+    })?;
+    Ok(match ack {
+        Err(e) => (None, Some(e)),
+        Ok(None) => (Some(1), None),
+        Ok(Some(rx)) => match rx.await {
+            Ok(()) => (Some(1), None),
+            // The response body was dropped: the client is gone.
+            Err(_) => (None, Some("client aborted")),
+        },
+    })
+}
 
 /// True while an `ngx.exit` of the current request unwinds (pcall must re-raise).
 pub fn exiting() -> bool {
@@ -72,6 +212,9 @@ fn output(args: MultiValue, newline: bool, api: &str) -> mlua::Result<(Option<i6
             out.put_u8(b'\n');
         }
         r.resp.body.extend_from_slice(&out);
+        if r.resp.stream.is_some() && (r.resp.headers_sent || r.resp.body.len() > OUTPUT_BUFFER) && push(r).is_err() {
+            return Ok((None, Some("nginx output filter error".to_string())));
+        }
         Ok((Some(1), None))
     })?
 }
@@ -79,13 +222,26 @@ fn output(args: MultiValue, newline: bool, api: &str) -> mlua::Result<(Option<i6
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.set("say", lua.create_function(|_, args: MultiValue| output(args, true, "ngx.say"))?)?;
     ngx.set("print", lua.create_function(|_, args: MultiValue| output(args, false, "ngx.print"))?)?;
-    ngx.set("flush", lua.create_function(|_, _wait: Option<bool>| request::with("ngx.flush", |_| 1))?)?;
+    ngx.set("flush", lua.create_async_function(|_, wait: Option<bool>| flush(wait.unwrap_or(false)))?)?;
     ngx.set(
         "eof",
         lua.create_function(|_, ()| {
             request::with("ngx.eof", |r| {
+                if r.resp.eof {
+                    return (None, Some("seen eof"));
+                }
                 r.resp.eof = true;
-                1
+                if r.resp.stream.is_some() {
+                    send_head(r);
+                    // A streaming body ends now; without one, the pipeline sends the buffered body whole.
+                    if r.resp.stream.as_ref().is_some_and(|s| s.opened) {
+                        let _ = push(r);
+                        if let Some(s) = r.resp.stream.as_mut() {
+                            s.tx = None;
+                        }
+                    }
+                }
+                (Some(1), None)
             })
         })?,
     )?;
@@ -93,6 +249,18 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         "exit",
         lua.create_function(|_, code: i64| -> mlua::Result<()> {
             request::with("ngx.exit", |r| {
+                if r.resp.headers_sent
+                    && r.phase != Phase::HeaderFilter
+                    && code >= 300
+                    && code != 444
+                    && code != i64::from(r.resp.status)
+                {
+                    tracing::error!(
+                        target: "lua",
+                        "attempt to set status {code} via ngx.exit after sending out the response status {}",
+                        r.resp.status
+                    );
+                }
                 r.exit = Some(code);
                 if code >= 200 && r.resp.status == 0 {
                     r.resp.status = code as u16;
@@ -111,10 +279,16 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let loc = HeaderValue::from_bytes(&uri.as_bytes())
                 .map_err(|_| mlua::Error::RuntimeError("bad argument #1 to 'redirect' (invalid uri)".into()))?;
             request::with("ngx.redirect", |r| {
+                if r.resp.headers_sent && r.phase != Phase::HeaderFilter {
+                    return Err(mlua::Error::RuntimeError(
+                        "attempt to call ngx.redirect after sending out the headers".into(),
+                    ));
+                }
                 r.resp.headers.insert(http::header::LOCATION, loc);
                 r.resp.status = status as u16;
                 r.exit = Some(status);
-            })?;
+                Ok(())
+            })??;
             Err(mlua::Error::external(ExitError))
         })?,
     )?;
@@ -143,7 +317,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let name = header_name(&name.to_str()?)?;
             let values = header_values(&value)?;
             request::with("ngx.header", |r| {
-                if r.phase != Phase::HeaderFilter && r.phase.is_after_headers() {
+                if r.phase != Phase::HeaderFilter && (r.phase.is_after_headers() || r.resp.headers_sent) {
                     return Err(mlua::Error::RuntimeError(
                         "attempt to set ngx.header.HEADER after sending out response headers".into(),
                     ));
@@ -179,7 +353,7 @@ pub fn set_status(v: Value) -> mlua::Result<()> {
         _ => return Err(mlua::Error::RuntimeError("attempt to set ngx.status to a non-number".into())),
     };
     request::with("ngx.status", |r| {
-        if r.phase.is_after_headers() && r.phase != Phase::HeaderFilter {
+        if r.phase != Phase::HeaderFilter && (r.phase.is_after_headers() || r.resp.headers_sent) {
             tracing::error!(target: "lua", "attempt to set ngx.status after sending out response headers");
             return;
         }

@@ -18,8 +18,8 @@
 //!   rpush lpop rpop llen ttl expire flush_all flush_expired get_keys capacity free_space`. Return
 //!   tuples, error strings and argument checks follow lua-nginx-module 0.10.23 with lua-resty-core
 //!   (checked against the real thing; see the tests). Errors that OpenResty *raises* (bad `self`, bad
-//!   `exptime`, ...) are raised here too, as plain Lua strings (a thin Lua wrapper around each Rust
-//!   method raises them, so `pcall` sees a string, not an mlua error userdata).
+//!   `exptime`, ...) are raised here too, as plain Lua strings (through the wrapper of [`super::raise`]
+//!   around each Rust method, so `pcall` sees a string, not an mlua error userdata).
 //! * **Memory.** Each item is charged what nginx's slab allocator would roughly charge: a 64-byte
 //!   node header + key + value, rounded up to the slab size class (a power of two up to 2 KiB, then
 //!   whole 4 KiB pages); list elements cost 24 bytes + value each. `capacity()` is the configured size
@@ -46,6 +46,8 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use mlua::{Lua, LuaString, MultiValue, Table, UserData, Value};
+
+use super::raise::{api_function, raise};
 
 /// Longest key OpenResty accepts.
 const MAX_KEY_LEN: usize = 65535;
@@ -631,56 +633,32 @@ struct Zone(Arc<SharedDict>);
 
 impl UserData for Zone {}
 
-/// What a raw method hands to its Lua wrapper: a count of results (or -1: raise the first) and up to
-/// three results.
-type Ret = (i32, Value, Value, Value);
-
-/// Turns the raw methods' [`Ret`] into real return lists, raising errors as strings at the caller's level.
-const WRAPPER: &str = r#"
-local raw = ...
-local error, pairs = error, pairs
-local methods = {}
-for name, f in pairs(raw) do
-    methods[name] = function(...)
-        local n, a, b, c = f(...)
-        if n == 1 then return a end
-        if n == 3 then return a, b, c end
-        if n == 2 then return a, b end
-        if n == 0 then return end
-        error(a, 2)
-    end
-end
-return { __index = methods }
-"#;
+/// What a method returns: its results, or a [`raise`] value.
+type Ret = MultiValue;
 
 fn lstr(lua: &Lua, s: impl AsRef<[u8]>) -> mlua::Result<Value> {
     lua.create_string(s).map(Value::String)
 }
 
 fn r0() -> Ret {
-    (0, Value::Nil, Value::Nil, Value::Nil)
+    MultiValue::new()
 }
 
 fn r1(a: Value) -> Ret {
-    (1, a, Value::Nil, Value::Nil)
+    MultiValue::from_vec(vec![a])
 }
 
 fn r2(a: Value, b: Value) -> Ret {
-    (2, a, b, Value::Nil)
+    MultiValue::from_vec(vec![a, b])
 }
 
 fn r3(a: Value, b: Value, c: Value) -> Ret {
-    (3, a, b, c)
+    MultiValue::from_vec(vec![a, b, c])
 }
 
 /// `nil, msg`.
 fn fail(lua: &Lua, msg: &str) -> mlua::Result<Ret> {
     Ok(r2(Value::Nil, lstr(lua, msg)?))
-}
-
-/// Raise `msg` as a Lua error (see [`WRAPPER`]).
-fn raise(lua: &Lua, msg: &str) -> mlua::Result<Ret> {
-    Ok((-1, lstr(lua, msg)?, Value::Nil, Value::Nil))
 }
 
 /// The first `N` arguments (missing ones nil) and how many were passed.
@@ -724,43 +702,27 @@ enum KeyErr {
     Raise(String),
 }
 
-/// A key as the FFI methods take it (`tostring` applied).
-fn ffi_key(lua: &Lua, v: &Value) -> mlua::Result<Result<LuaString, KeyErr>> {
-    let s = match v {
-        Value::Nil => return Ok(Err(KeyErr::Soft("nil key"))),
-        Value::String(s) => s.clone(),
-        Value::Integer(_) | Value::Number(_) => match lua.coerce_string(v.clone())? {
+/// A key argument. The FFI methods (`list_method` `None`) take any value through `tostring`; the list
+/// methods take strings and numbers only (`luaL_checklstring`) and raise for anything else.
+fn dict_key(lua: &Lua, v: &Value, list_method: Option<&str>) -> mlua::Result<Result<LuaString, KeyErr>> {
+    let s = match (v, list_method) {
+        (Value::Nil, _) => return Ok(Err(KeyErr::Soft("nil key"))),
+        (Value::String(s), _) => s.clone(),
+        (Value::Integer(_) | Value::Number(_), _) => match lua.coerce_string(v.clone())? {
             Some(s) => s,
             None => lua.create_string(v.to_string()?)?,
         },
-        v => lua.create_string(v.to_string()?)?,
-    };
-    Ok(key_len_ok(s))
-}
-
-fn key_len_ok(s: LuaString) -> Result<LuaString, KeyErr> {
-    match s.as_bytes().len() {
-        0 => Err(KeyErr::Soft("empty key")),
-        n if n > MAX_KEY_LEN => Err(KeyErr::Soft("key too long")),
-        _ => Ok(s),
-    }
-}
-
-/// A key as the list methods take it (`luaL_checklstring`): strings and numbers only.
-fn list_key(lua: &Lua, v: &Value, method: &str) -> mlua::Result<Result<LuaString, KeyErr>> {
-    let s = match v {
-        Value::Nil => return Ok(Err(KeyErr::Soft("nil key"))),
-        Value::String(s) => s.clone(),
-        Value::Integer(_) | Value::Number(_) => match lua.coerce_string(v.clone())? {
-            Some(s) => s,
-            None => lua.create_string(v.to_string()?)?,
-        },
-        v => {
+        (v, None) => lua.create_string(v.to_string()?)?,
+        (v, Some(method)) => {
             let msg = format!("bad argument #2 to '{method}' (string expected, got {})", v.type_name());
             return Ok(Err(KeyErr::Raise(msg)));
         }
     };
-    Ok(key_len_ok(s))
+    Ok(match s.as_bytes().len() {
+        0 => Err(KeyErr::Soft("empty key")),
+        n if n > MAX_KEY_LEN => Err(KeyErr::Soft("key too long")),
+        _ => Ok(s),
+    })
 }
 
 /// A storable value: `Ok(None)` for nil, `Err` for a type that cannot be stored.
@@ -788,7 +750,7 @@ macro_rules! try_key {
         match $e? {
             Ok(k) => k,
             Err(KeyErr::Soft(msg)) => return fail($lua, msg),
-            Err(KeyErr::Raise(msg)) => return raise($lua, &msg),
+            Err(KeyErr::Raise(msg)) => return raise($lua, msg),
         }
     };
 }
@@ -814,7 +776,7 @@ fn store_method(op: Op, safe: bool) -> impl Fn(&Lua, MultiValue) -> mlua::Result
                 _ => return raise(lua, "bad \"exptime\" argument"),
             },
         };
-        let key = try_key!(lua, ffi_key(lua, &key));
+        let key = try_key!(lua, dict_key(lua, &key, None));
         let Ok(value) = scalar(&value) else { return fail(lua, "bad value type") };
         let flags = match flags {
             Value::Nil | Value::Boolean(false) => 0,
@@ -834,7 +796,7 @@ fn store_method(op: Op, safe: bool) -> impl Fn(&Lua, MultiValue) -> mlua::Result
 fn delete(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
     let (_, [this, key]) = take::<2>(args);
     let d = try_zone!(lua, this);
-    let key = try_key!(lua, ffi_key(lua, &key));
+    let key = try_key!(lua, dict_key(lua, &key, None));
     d.store(Op::Set, false, &key.as_bytes(), None, 0, 0).map_err(mlua::Error::runtime)?;
     Ok(r3(Value::Boolean(true), Value::Nil, Value::Boolean(false)))
 }
@@ -843,7 +805,7 @@ fn get_method(stale_ok: bool) -> impl Fn(&Lua, MultiValue) -> mlua::Result<Ret> 
     move |lua, args| {
         let (_, [this, key]) = take::<2>(args);
         let d = try_zone!(lua, this);
-        let key = try_key!(lua, ffi_key(lua, &key));
+        let key = try_key!(lua, dict_key(lua, &key, None));
         match d.get(&key.as_bytes(), stale_ok) {
             Got::Missing => Ok(r1(Value::Nil)),
             Got::List => fail(lua, "value is a list"),
@@ -863,21 +825,21 @@ fn get_method(stale_ok: bool) -> impl Fn(&Lua, MultiValue) -> mlua::Result<Ret> 
 fn incr(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
     let (_, [this, key, value, init, init_ttl]) = take::<5>(args);
     let d = try_zone!(lua, this);
-    let key = try_key!(lua, ffi_key(lua, &key));
+    let key = try_key!(lua, dict_key(lua, &key, None));
     let Some(delta) = to_number(lua, &value)? else {
-        return raise(lua, &format!("bad argument #3 to 'incr' (number expected, got {})", value.type_name()));
+        return raise(lua, format!("bad argument #3 to 'incr' (number expected, got {})", value.type_name()));
     };
     let init = match init {
         Value::Nil | Value::Boolean(false) => None,
         ref v => match to_number(lua, v)? {
             Some(n) => Some(n),
-            None => return raise(lua, &format!("bad init arg: number expected, got {}", v.type_name())),
+            None => return raise(lua, format!("bad init arg: number expected, got {}", v.type_name())),
         },
     };
     let init_ttl_ms = match init_ttl {
         Value::Nil => 0,
         ref v => match to_number(lua, v)? {
-            None => return raise(lua, &format!("bad init_ttl arg: number expected, got {}", v.type_name())),
+            None => return raise(lua, format!("bad init_ttl arg: number expected, got {}", v.type_name())),
             Some(t) if t < 0.0 => return raise(lua, "bad \"init_ttl\" argument"),
             Some(_) if init.is_none() => return raise(lua, "must provide \"init\" when providing \"init_ttl\""),
             Some(t) => to_ms(t),
@@ -893,7 +855,7 @@ fn incr(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
 fn ttl(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
     let (_, [this, key]) = take::<2>(args);
     let d = try_zone!(lua, this);
-    let key = try_key!(lua, ffi_key(lua, &key));
+    let key = try_key!(lua, dict_key(lua, &key, None));
     match d.ttl_ms(&key.as_bytes()) {
         None => fail(lua, "not found"),
         Some(None) => Ok(r1(Value::Number(0.0))),
@@ -907,7 +869,7 @@ fn expire(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
     if matches!(exptime, Value::Nil | Value::Boolean(false)) {
         return raise(lua, "bad \"exptime\" argument");
     }
-    let key = try_key!(lua, ffi_key(lua, &key));
+    let key = try_key!(lua, dict_key(lua, &key, None));
     let Some(exptime) = to_number(lua, &exptime)? else { return raise(lua, "bad \"exptime\" argument") };
     if d.expire(&key.as_bytes(), to_ms(exptime)) {
         Ok(r1(Value::Boolean(true)))
@@ -917,7 +879,7 @@ fn expire(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
 }
 
 fn arg_count(lua: &Lua, n: usize, want: usize) -> Option<mlua::Result<Ret>> {
-    (n != want).then(|| raise(lua, &format!("expecting {want} arguments, but only seen {n}")))
+    (n != want).then(|| raise(lua, format!("expecting {want} arguments, but only seen {n}")))
 }
 
 fn push_method(front: bool) -> impl Fn(&Lua, MultiValue) -> mlua::Result<Ret> {
@@ -928,7 +890,7 @@ fn push_method(front: bool) -> impl Fn(&Lua, MultiValue) -> mlua::Result<Ret> {
             return r;
         }
         let d = try_zone!(lua, this);
-        let key = try_key!(lua, list_key(lua, &key, name));
+        let key = try_key!(lua, dict_key(lua, &key, Some(name)));
         let value = match scalar(&value) {
             Ok(Some(v @ (Scalar::Num(_) | Scalar::Str(_)))) => v,
             _ => return fail(lua, "bad value type"),
@@ -948,7 +910,7 @@ fn pop_method(front: bool) -> impl Fn(&Lua, MultiValue) -> mlua::Result<Ret> {
             return r;
         }
         let d = try_zone!(lua, this);
-        let key = try_key!(lua, list_key(lua, &key, name));
+        let key = try_key!(lua, dict_key(lua, &key, Some(name)));
         match d.pop(&key.as_bytes(), front) {
             Ok(Some(v)) => Ok(r1(to_lua(lua, v)?)),
             Ok(None) => Ok(r1(Value::Nil)),
@@ -963,7 +925,7 @@ fn llen(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
         return r;
     }
     let d = try_zone!(lua, this);
-    let key = try_key!(lua, list_key(lua, &key, "llen"));
+    let key = try_key!(lua, dict_key(lua, &key, Some("llen")));
     match d.llen(&key.as_bytes()) {
         Ok(len) => Ok(r1(Value::Number(len as f64))),
         Err(msg) => fail(lua, msg),
@@ -979,7 +941,7 @@ fn zone_and_count(
 ) -> mlua::Result<Result<(Arc<SharedDict>, i64), Ret>> {
     let (n, [this, count]) = take::<2>(args);
     if !(1..=2).contains(&n) {
-        return raise(lua, &format!("expecting 1 or 2 argument(s), but saw {n}")).map(Err);
+        return raise(lua, format!("expecting 1 or 2 argument(s), but saw {n}")).map(Err);
     }
     let Some(d) = zone(&this) else { return raise(lua, "bad \"zone\" argument").map(Err) };
     if n == 1 {
@@ -989,7 +951,7 @@ fn zone_and_count(
         Some(c) => Ok(Ok((d, c as i64))),
         None => {
             let msg = format!("bad argument #2 to '{method}' (number expected, got {})", count.type_name());
-            raise(lua, &msg).map(Err)
+            raise(lua, msg).map(Err)
         }
     }
 }
@@ -1033,10 +995,10 @@ fn free_space(lua: &Lua, args: MultiValue) -> mlua::Result<Ret> {
 
 /// The dict metatable: `{ __index = methods }`.
 fn metatable(lua: &Lua) -> mlua::Result<Table> {
-    let raw = lua.create_table()?;
+    let methods = lua.create_table()?;
     macro_rules! method {
         ($name:literal, $f:expr) => {
-            raw.raw_set($name, lua.create_function($f)?)?;
+            methods.raw_set($name, api_function(lua, $f)?)?;
         };
     }
     method!("get", get_method(false));
@@ -1060,7 +1022,9 @@ fn metatable(lua: &Lua) -> mlua::Result<Table> {
     method!("capacity", capacity);
     method!("free_space", free_space);
     method!("delete", delete);
-    lua.load(WRAPPER).set_name("=ngx.shared").call(raw)
+    let mt = lua.create_table()?;
+    mt.raw_set("__index", methods)?;
+    Ok(mt)
 }
 
 /// Install `ngx.shared` into `ngx` for the given dicts: `ngx.shared.NAME` is bound to that dict;

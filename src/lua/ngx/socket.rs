@@ -52,6 +52,7 @@ use tokio::sync::{oneshot, Mutex, MutexGuard};
 use tokio::time::Instant;
 
 use super::format_number;
+use super::raise::{api_function, raise, wrap};
 
 /// lua_socket_connect_timeout / send_timeout / read_timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -80,10 +81,6 @@ struct SslSession;
 impl UserData for SslSession {}
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
-    let error: Function = lua.globals().raw_get("error")?;
-    let wrap: Function = lua.load(WRAPPER).set_name("=ngx.socket").call((raise_marker(), error))?;
-    lua.set_named_registry_value(WRAPPER_KEY, &wrap)?;
-
     let socket = lua.create_table()?;
     let tcp_mt = tcp_metatable(lua)?;
     let tcp = wrapped(lua, move |lua, args: MultiValue| {
@@ -108,53 +105,20 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     lua.load(SHORTCUTS).set_name("=ngx.socket").call::<()>(socket)
 }
 
-/// Errors are raised as plain strings at the caller's line (as the sibling
-/// `ngx` modules do, see `util::api_function`), not as mlua error objects:
-/// a method returns [`raise_marker`] and the message, and this wrapper
-/// calls `error(msg, 2)`. `check` is reached through a tail call, so level 2
-/// is the script that called the method.
-const WRAPPER: &str = r#"
-local marker, error = ...
-local function check(first, ...)
-    if first == marker then
-        error((...), 2)
-    end
-    return first, ...
-end
-return function(f)
-    return function(...)
-        return check(f(...))
-    end
-end
-"#;
-
-const WRAPPER_KEY: &str = "luagate.ngx.socket.wrapper";
-
-/// The address of this static identifies "raise an error" return values.
-static RAISE_MARKER: u8 = 0;
-
-fn raise_marker() -> Value {
-    Value::LightUserData(mlua::LightUserData(&RAISE_MARKER as *const u8 as *mut std::ffi::c_void))
-}
-
-/// Turns the `mlua::Error::RuntimeError`s of the implementations into
-/// raised string errors (other errors pass through).
+/// The implementations report caller mistakes as `mlua::Error::RuntimeError`s; these are raised
+/// as plain strings at the caller's line (see [`super::raise`]), other errors pass through.
 fn raising(lua: &Lua, result: Ret) -> Ret {
     match result {
-        Err(mlua::Error::RuntimeError(msg)) => values(vec![raise_marker(), Value::String(lua.create_string(msg)?)]),
+        Err(mlua::Error::RuntimeError(msg)) => raise(lua, msg),
         other => other,
     }
-}
-
-fn wrap(lua: &Lua, f: Function) -> mlua::Result<Function> {
-    lua.named_registry_value::<Function>(WRAPPER_KEY)?.call(f)
 }
 
 fn wrapped<F>(lua: &Lua, f: F) -> mlua::Result<Function>
 where
     F: Fn(&Lua, MultiValue) -> Ret + 'static,
 {
-    wrap(lua, lua.create_function(move |lua, args: MultiValue| raising(lua, f(lua, args)))?)
+    api_function(lua, move |lua, args| raising(lua, f(lua, args)))
 }
 
 fn wrapped_async<F, Fut>(lua: &Lua, f: F) -> mlua::Result<Function>
@@ -315,6 +279,11 @@ fn fail_partial(lua: &Lua, msg: &str, partial: &[u8]) -> Ret {
 
 fn data(lua: &Lua, bytes: &[u8]) -> Ret {
     values(vec![Value::String(lua.create_string(bytes)?)])
+}
+
+/// What `settimeout` and `settimeouts` return: a single nil (lua-nginx-module returns no value).
+fn single_nil() -> Ret {
+    values(vec![Value::Nil])
 }
 
 fn int(n: i64) -> Ret {
@@ -1200,39 +1169,32 @@ fn tcp_close(lua: &Lua, args: Vec<Value>) -> Ret {
 }
 
 fn tcp_settimeout(lua: &Lua, args: Vec<Value>) -> Ret {
-    if args.len() != 2 {
-        return Err(rt(format!(
-            "ngx.socket settimeout: expecting 2 arguments (including the object) but seen {}",
-            args.len()
-        )));
-    }
-    let ms = timeout_arg(lua, args.get(1))?;
-    if let Some(tcp) = this::<Tcp>(&args, "settimeout")? {
-        let mut st = tcp.st.borrow_mut();
-        st.connect_ms = ms;
-        st.send_ms = ms;
-        st.read_ms = ms;
-    }
-    values(vec![])
+    set_tcp_timeouts(lua, &args, "settimeout", 2)
 }
 
 fn tcp_settimeouts(lua: &Lua, args: Vec<Value>) -> Ret {
-    if args.len() != 4 {
+    set_tcp_timeouts(lua, &args, "settimeouts", 4)
+}
+
+/// `settimeout(ms)` sets the connect, send and read timeouts to one value; `settimeouts(connect,
+/// send, read)` sets each (both say "settimeout" in their argument-count error, as OpenResty).
+fn set_tcp_timeouts(lua: &Lua, args: &[Value], func: &str, want: usize) -> Ret {
+    if args.len() != want {
         return Err(rt(format!(
-            "ngx.socket settimeout: expecting 4 arguments (including the object) but seen {}",
+            "ngx.socket settimeout: expecting {want} arguments (including the object) but seen {}",
             args.len()
         )));
     }
     let connect = timeout_arg(lua, args.get(1))?;
-    let send = timeout_arg(lua, args.get(2))?;
-    let read = timeout_arg(lua, args.get(3))?;
-    if let Some(tcp) = this::<Tcp>(&args, "settimeouts")? {
+    let (send, read) =
+        if want == 4 { (timeout_arg(lua, args.get(2))?, timeout_arg(lua, args.get(3))?) } else { (connect, connect) };
+    if let Some(tcp) = this::<Tcp>(args, func)? {
         let mut st = tcp.st.borrow_mut();
         st.connect_ms = connect;
         st.send_ms = send;
         st.read_ms = read;
     }
-    values(vec![])
+    single_nil()
 }
 
 fn tcp_getreusedtimes(lua: &Lua, args: Vec<Value>) -> Ret {
@@ -1870,7 +1832,7 @@ fn udp_settimeout(lua: &Lua, args: Vec<Value>) -> Ret {
     if let Some(udp) = this::<Udp>(&args, "settimeout")? {
         udp.timeout_ms.set(ms);
     }
-    values(vec![])
+    single_nil()
 }
 
 fn udp_close(lua: &Lua, args: Vec<Value>) -> Ret {

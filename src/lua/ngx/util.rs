@@ -3,71 +3,15 @@
 //!
 //! Each function reproduces lua-nginx-module 0.10.x with lua-resty-core (the pair OpenResty
 //! ships), including its quirks: nginx's lenient base64 decoder, its exact escape sets, `+` as a
-//! space when unescaping, `"truncated"` from `decode_args`. This file also holds the small
-//! calling convention the sibling `ngx` modules share: Rust implementations return a marker to
-//! have a thin Lua wrapper raise a plain string error at the caller's line, as `error(msg, 2)`
-//! does in resty.core, instead of mlua's userdata errors.
-
-use std::ffi::c_void;
+//! space when unescaping, `"truncated"` from `decode_args`. This file also holds small argument
+//! helpers the sibling `ngx` modules share; errors are raised through [`super::raise`].
 
 use mlua::{Function, IntoLua, LightUserData, Lua, LuaString, MultiValue, Result, Table, Value};
 
-/// The address of this static identifies "raise an error" return values; no script can forge it.
-static RAISE_MARKER: u8 = 0;
-
-const WRAPPER_KEY: &str = "luagate.ngx.api_wrapper";
-
-/// `check` is reached through a tail call, so level 2 is the script that called the API function.
-const WRAPPER: &str = r#"
-local marker, error = ...
-local function check(first, ...)
-    if first == marker then
-        local level, err = ...
-        error(err, level)
-    end
-    return first, ...
-end
-return function(f)
-    return function(...)
-        return check(f(...))
-    end
-end
-"#;
+use super::raise::{api_function, raise};
 
 /// Maximum number of pairs `ngx.decode_args` reads by default (NGX_HTTP_LUA_MAX_ARGS).
 const MAX_ARGS: i64 = 100;
-
-fn marker() -> Value {
-    Value::LightUserData(LightUserData(&RAISE_MARKER as *const u8 as *mut c_void))
-}
-
-/// Wraps a Rust implementation as an `ngx` API function. The implementation returns its results,
-/// or the value of [`raise`] / [`rethrow`] to make the function raise a Lua error.
-pub(crate) fn api_function<F>(lua: &Lua, f: F) -> Result<Function>
-where
-    F: Fn(&Lua, MultiValue) -> Result<MultiValue> + 'static,
-{
-    let wrap = match lua.named_registry_value::<Option<Function>>(WRAPPER_KEY)? {
-        Some(wrap) => wrap,
-        None => {
-            let error: Function = lua.globals().raw_get("error")?;
-            let wrap: Function = lua.load(WRAPPER).set_name("=ngx").call((marker(), error))?;
-            lua.set_named_registry_value(WRAPPER_KEY, &wrap)?;
-            wrap
-        }
-    };
-    wrap.call(lua.create_function(f)?)
-}
-
-/// Raises `msg` at the caller's line, like `error(msg, 2)` in resty.core.
-pub(crate) fn raise(lua: &Lua, msg: impl AsRef<[u8]>) -> Result<MultiValue> {
-    Ok(MultiValue::from_vec(vec![marker(), Value::Integer(2), Value::String(lua.create_string(msg)?)]))
-}
-
-/// Re-raises an error value caught from a script callback unchanged.
-pub(crate) fn rethrow(err: Value) -> Result<MultiValue> {
-    Ok(MultiValue::from_vec(vec![marker(), Value::Integer(0), err]))
-}
 
 /// Raises `bad argument #n to 'fname' (msg)`.
 pub(crate) fn arg_error(lua: &Lua, n: usize, fname: &str, msg: &str) -> Result<MultiValue> {

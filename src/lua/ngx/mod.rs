@@ -43,7 +43,6 @@ pub const UNSUPPORTED: &[&str] = &[
     "req.set_body_file",
     "req.raw_header",
     "on_abort",
-    "send_headers",
 ];
 
 /// Lua-side parts of the API, built on the Rust primitives.

@@ -224,6 +224,24 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.set("print", lua.create_function(|_, args: MultiValue| output(args, false, "ngx.print"))?)?;
     ngx.set("flush", lua.create_async_function(|_, wait: Option<bool>| flush(wait.unwrap_or(false)))?)?;
     ngx.set(
+        "send_headers",
+        lua.create_function(|_, ()| {
+            request::with("ngx.send_headers", |r| {
+                if r.resp.headers_sent {
+                    return Ok((None, Some("header already sent")));
+                }
+                if r.resp.stream.is_none() {
+                    let phase = r.phase.name();
+                    return Err(mlua::Error::RuntimeError(format!("API disabled in the context of {phase}")));
+                }
+                Ok(match push(r) {
+                    Ok(()) => (Some(1), None),
+                    Err(()) => (None, Some("nginx output filter error")),
+                })
+            })?
+        })?,
+    )?;
+    ngx.set(
         "eof",
         lua.create_function(|_, ()| {
             request::with("ngx.eof", |r| {

@@ -1,0 +1,189 @@
+//! Criterion micro-benchmarks of luagate's per-request hot paths: route
+//! match, balancer pick, header rewrite and a Lua hook call. Run with
+//! `cargo bench --bench hot_paths`; the system benchmarks against nginx are
+//! `benches/run`.
+
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Method};
+use luagate::lua::{self, Grants, LuaRequest, Phase, Script};
+use luagate::phase::headers;
+use luagate::route::{HostPattern, MatchInput, PathMatch, RouteMatch, RouteTable};
+use luagate::upstream::balancer::{Balancer, Peer, PeerStats, PickInput, Policy};
+
+fn route_table(n: usize) -> RouteTable {
+    let mut routes = Vec::new();
+    for i in 0..n {
+        routes.push(RouteMatch {
+            hosts: vec![HostPattern::parse(&format!("svc{}.example.com", i % 10)).expect("host")],
+            path: PathMatch::Prefix { prefix: format!("/api/v{}/items{i}/", i % 3), stop_regex: false },
+            ..Default::default()
+        });
+    }
+    routes.push(RouteMatch {
+        path: PathMatch::Regex(regex::Regex::new("^/static/.*\\.css$").expect("re")),
+        ..Default::default()
+    });
+    routes.push(RouteMatch::default());
+    RouteTable::new(routes)
+}
+
+fn bench_route_match(c: &mut Criterion) {
+    let table = route_table(100);
+    let headers = HeaderMap::new();
+    let method = Method::GET;
+    c.bench_function("route_match_100_routes_host_and_prefix", |b| {
+        b.iter(|| {
+            let input = MatchInput {
+                listener: "main",
+                host: "svc7.example.com",
+                path: black_box("/api/v1/items97/detail"),
+                method: &method,
+                headers: &headers,
+                grpc: None,
+            };
+            black_box(table.find(&input))
+        })
+    });
+    c.bench_function("route_match_100_routes_default_regex", |b| {
+        b.iter(|| {
+            let input = MatchInput {
+                listener: "main",
+                host: "other.example.org",
+                path: black_box("/static/site.css"),
+                method: &method,
+                headers: &headers,
+                grpc: None,
+            };
+            black_box(table.find(&input))
+        })
+    });
+}
+
+fn peers(n: usize) -> Vec<Peer> {
+    (0..n)
+        .map(|i| Peer {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+            weight: 1 + (i % 3) as u32,
+            stats: Arc::new(PeerStats::new()),
+        })
+        .collect()
+}
+
+fn bench_balancer(c: &mut Criterion) {
+    let ps = peers(8);
+    let client: IpAddr = "203.0.113.9".parse().expect("ip");
+    for (name, policy) in [
+        ("balancer_pick_round_robin_8_peers", Policy::RoundRobin),
+        ("balancer_pick_smooth_wrr_8_peers", Policy::WeightedRoundRobin),
+        ("balancer_pick_ip_hash_8_peers", Policy::IpHash),
+        ("balancer_pick_consistent_hash_8_peers", Policy::ConsistentHash),
+        ("balancer_pick_least_conn_8_peers", Policy::LeastConn),
+        ("balancer_pick_p2c_ewma_8_peers", Policy::P2cEwma),
+    ] {
+        let b_ = Balancer::new(policy, &ps);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let input = PickInput { client_ip: client, hash_key: Some(b"user-42"), tried: &[], down: &[] };
+                black_box(b_.pick(&ps, &input))
+            })
+        });
+    }
+}
+
+fn request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "api.example.com"),
+        ("user-agent", "bench/1.0"),
+        ("accept", "*/*"),
+        ("connection", "keep-alive"),
+        ("x-forwarded-for", "198.51.100.1"),
+        ("x-request-id", "abc123"),
+        ("authorization", "Bearer token"),
+        ("content-type", "application/json"),
+    ] {
+        h.insert(http::HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    h
+}
+
+fn bench_header_rewrite(c: &mut Criterion) {
+    let base = request_headers();
+    let peer = HeaderValue::from_static("10.0.0.7");
+    let real: IpAddr = "10.0.0.7".parse().expect("ip");
+    c.bench_function("header_rewrite_8_headers_hop_by_hop_and_forwarded", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                headers::strip_hop_by_hop(&mut h, false);
+                headers::set_forwarded(&mut h, &peer, false, real, "http");
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+fn bench_lua_hook(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let settings = lua::Settings {
+        package_path: String::new(),
+        shared_dicts: Vec::new(),
+        init_worker: None,
+        time_budget: Duration::from_secs(1),
+        memory_limit: 256 << 20,
+        grants: Grants::default(),
+        variables: Vec::new(),
+        prefix: "./".into(),
+    };
+    let script = |name: &str, src: &str| {
+        Arc::new(Script { name: Arc::from(name), source: Arc::from(src.as_bytes()), id: name.len() as u64 })
+    };
+    let empty = script("empty", "");
+    let realistic = script(
+        "realistic",
+        "local h = ngx.req.get_headers() local a, b = h['x-api-key'], h['user-agent'] ngx.req.set_header('x-plan', a and 'pro' or 'free')",
+    );
+    local.block_on(&rt, async {
+        let runtime = lua::runtime::get(1, &settings).expect("lua state");
+        for (name, s) in [("lua_hook_empty_access", &empty), ("lua_hook_two_headers_set_header", &realistic)] {
+            c.bench_function(name, |b| {
+                b.iter(|| {
+                    let parts = http::Request::builder()
+                        .uri("/api/x?y=1")
+                        .header("x-api-key", "k")
+                        .header("user-agent", "bench")
+                        .body(())
+                        .expect("request")
+                        .into_parts()
+                        .0;
+                    let client = SocketAddr::from(([127, 0, 0, 1], 5000));
+                    let req = Rc::new(RefCell::new(LuaRequest::new(parts, client, client, false, Arc::from("r"))));
+                    futures_executor(runtime.run(Phase::Access, s, &req))
+                })
+            });
+        }
+    });
+}
+
+/// Polls a future that never waits (these scripts don't) to completion.
+fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+}
+
+criterion_group!(hot_paths, bench_route_match, bench_balancer, bench_header_rewrite, bench_lua_hook);
+criterion_main!(hot_paths);

@@ -38,20 +38,37 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
             let max = max.unwrap_or(100);
             let raw = raw.unwrap_or(false);
-            let pairs: Vec<(String, Vec<u8>)> = request::with("ngx.req.get_headers", |r| {
-                r.parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect()
-            })?;
-            let t = lua.create_table()?;
-            let truncated = max > 0 && pairs.len() as i64 > max;
-            let keep = if max > 0 { max as usize } else { usize::MAX };
-            for (k, v) in pairs.into_iter().take(keep) {
-                let v = lua.create_string(&v)?;
-                match t.raw_get::<Value>(k.as_str())? {
-                    Value::Nil => t.raw_set(k, v)?,
-                    Value::Table(list) => list.raw_push(v)?,
-                    prev => t.raw_set(k, lua.create_sequence_from([prev, Value::String(v)])?)?,
+            // Lua strings are made straight from the request's headers: no intermediate copies.
+            let (t, truncated) = request::with("ngx.req.get_headers", |r| -> mlua::Result<(Table, bool)> {
+                let h = &r.parts.headers;
+                let t = lua.create_table_with_capacity(0, h.keys_len())?;
+                let mut left = if max > 0 { max as usize } else { usize::MAX };
+                for name in h.keys() {
+                    let mut values = h.get_all(name).iter();
+                    let Some(first) = values.next() else { continue };
+                    if left == 0 {
+                        return Ok((t, true));
+                    }
+                    left -= 1;
+                    let first = lua.create_string(first.as_bytes())?;
+                    let Some(second) = values.next() else {
+                        t.raw_set(name.as_str(), first)?;
+                        continue;
+                    };
+                    let list = lua.create_table_with_capacity(2, 0)?;
+                    list.raw_push(first)?;
+                    for v in std::iter::once(second).chain(values) {
+                        if left == 0 {
+                            t.raw_set(name.as_str(), list)?;
+                            return Ok((t, true));
+                        }
+                        left -= 1;
+                        list.raw_push(lua.create_string(v.as_bytes())?)?;
+                    }
+                    t.raw_set(name.as_str(), list)?;
                 }
-            }
+                Ok((t, false))
+            })??;
             if !raw {
                 let mt: Table = lua.named_registry_value("luagate.headers_mt")?;
                 t.set_metatable(Some(mt))?;

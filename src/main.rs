@@ -5,6 +5,21 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc rather than glibc's malloc: an idle keep-alive connection's
+/// memory goes back to the system after a burst of connections (glibc keeps
+/// the freed buffers of a burst resident, interleaved with the connections'
+/// small long-lived allocations), and it costs fewer instructions per
+/// request. See benches/NOTES.md, section 4.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options: a background thread returns unused dirty pages to the
+/// system over about a second (the default, 10 s and only when some thread
+/// allocates, left a burst's memory resident).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[derive(Parser)]
 #[command(name = "luagate", version = luagate::VERSION, about = "A reverse proxy for RPC traffic with Lua phase hooks")]
 struct Cli {

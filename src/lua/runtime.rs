@@ -44,6 +44,11 @@ thread_local! {
     static WORKER: Cell<(usize, usize)> = const { Cell::new((0, 1)) };
 }
 
+/// True once this worker's Lua state exists.
+pub fn started() -> bool {
+    RUNTIME.with(|r| r.borrow().is_some())
+}
+
 /// Tell this thread which worker it is (for `ngx.worker.id/count`).
 pub fn set_worker(id: usize, count: usize) {
     WORKER.with(|w| w.set((id, count)));

@@ -96,9 +96,11 @@ pub fn run(
 }
 
 /// With an init_worker script, the Lua state starts with the worker (and
-/// re-runs it after each reload) instead of at the first Lua request.
+/// re-runs it after each reload) instead of at the first Lua request; a
+/// state that exists follows each reload at once (its old timers fire
+/// prematurely then, not at the next Lua request).
 fn start_lua(snap: &Snapshot) {
-    if snap.lua.init_worker.is_some() {
+    if snap.lua.init_worker.is_some() || crate::lua::runtime::started() {
         if let Err(e) = crate::lua::runtime::get(snap.generation, &snap.lua) {
             tracing::error!(target: "lua", error = %e, "cannot start the Lua state");
         }

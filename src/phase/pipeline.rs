@@ -204,7 +204,10 @@ impl Proxy<'_> {
         h.insert("traceparent", self.trace.header_value());
         let authority = match &self.route.host_header {
             Some(v) => v.clone(),
-            None => HeaderValue::from_str(&original_host(&parts)).unwrap_or(HeaderValue::from_static("localhost")),
+            None => match parts.headers.get(HOST) {
+                Some(h) => h.clone(),
+                None => HeaderValue::from_str(original_host(&parts)).unwrap_or(HeaderValue::from_static("localhost")),
+            },
         };
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         match up.protocol {
@@ -292,23 +295,27 @@ impl Proxy<'_> {
 }
 
 /// The Host as sent (header, or the HTTP/2 authority), port included.
-fn original_host(parts: &http::request::Parts) -> String {
+fn original_host(parts: &http::request::Parts) -> &str {
     parts
         .headers
         .get(HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| parts.uri.authority().map(|a| a.as_str()))
         .unwrap_or("")
-        .to_string()
 }
 
-/// The host for route matching: lowercase, without the port.
-fn request_host(parts: &http::request::Parts) -> String {
+/// The host for route matching and `ngx.var.host`: lowercase, without the
+/// port; borrowed when the client already sent it lowercase.
+pub fn request_host(parts: &http::request::Parts) -> std::borrow::Cow<'_, str> {
     let raw = original_host(parts);
     let without_port = if raw.starts_with('[') {
-        raw.split_once(']').map_or(raw.as_str(), |(h, _)| h).trim_start_matches('[')
+        raw.split_once(']').map_or(raw, |(h, _)| h).trim_start_matches('[')
     } else {
-        raw.rsplit_once(':').map_or(raw.as_str(), |(h, _)| h)
+        raw.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(raw, |(h, _)| h)
     };
-    without_port.to_ascii_lowercase()
+    if without_port.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(without_port.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(without_port)
+    }
 }

@@ -28,16 +28,7 @@ pub fn get(r: &LuaRequest, name: &str, declared: &[(String, String)]) -> Option<
             http::Version::HTTP_2 => "HTTP/2.0",
             _ => "HTTP/1.1",
         }),
-        "host" => {
-            let h = p
-                .headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| p.uri.authority().map(|a| a.as_str()))
-                .unwrap_or("");
-            let h = h.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(h, |x| x.0);
-            s(&h.to_ascii_lowercase())
-        }
+        "host" => s(&crate::phase::pipeline::request_host(p)),
         "hostname" => s(&hostname()),
         "content_type" => p.headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes().to_vec()),
         "content_length" => p.headers.get(http::header::CONTENT_LENGTH).map(|v| v.as_bytes().to_vec()),

@@ -9,6 +9,7 @@
 //! (`request::current`). Runaway scripts are stopped by `budget`.
 
 pub mod budget;
+pub mod ceiling;
 pub mod compile;
 pub mod ngx;
 pub mod request;

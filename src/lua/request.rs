@@ -190,12 +190,15 @@ pub fn current() -> Option<Shared> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
+/// The error of an API that needs a request, called outside one.
+pub fn outside(api: &str) -> mlua::Error {
+    mlua::Error::RuntimeError(format!("API disabled in the current context: {api} needs a request"))
+}
+
 /// Run `f` on the current request; outside a request (init_worker, timers)
 /// the error names the API, as OpenResty's "API disabled" does.
 pub fn with<R>(api: &str, f: impl FnOnce(&mut LuaRequest) -> R) -> mlua::Result<R> {
-    let req = current().ok_or_else(|| {
-        mlua::Error::RuntimeError(format!("API disabled in the current context: {api} needs a request"))
-    })?;
+    let req = current().ok_or_else(|| outside(api))?;
     let mut r = req.try_borrow_mut().map_err(|_| mlua::Error::RuntimeError(format!("{api}: request busy")))?;
     Ok(f(&mut r))
 }

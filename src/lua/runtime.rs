@@ -8,6 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -33,7 +34,7 @@ pub struct Runtime {
     /// init_worker of the current generation has finished (requests wait for it).
     init_done: Rc<Cell<bool>>,
     init_notify: Rc<tokio::sync::Notify>,
-    functions: RefCell<HashMap<u64, Function>>,
+    functions: RefCell<HashMap<u64, Function, BuildHasherDefault<IdHasher>>>,
     generation: Cell<u64>,
     /// Keeps alive the coroutine whose `lua_State` the budget watchdog hooks.
     _anchor: mlua::Thread,
@@ -126,7 +127,7 @@ impl Runtime {
             lua,
             init_done: Rc::new(Cell::new(true)),
             init_notify: Rc::new(tokio::sync::Notify::new()),
-            functions: RefCell::new(HashMap::new()),
+            functions: RefCell::new(HashMap::default()),
             generation: Cell::new(0),
             _anchor: anchor,
         })
@@ -248,6 +249,27 @@ impl Runtime {
         }
         tracing::error!(target: "lua", phase = phase.name(), "lua error: {msg}");
         Outcome::Error(msg)
+    }
+}
+
+/// Script ids are already hashes (of name and source): the function cache
+/// uses them as they are instead of hashing them again with SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id;
     }
 }
 

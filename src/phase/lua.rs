@@ -253,6 +253,15 @@ impl LuaCtx {
         resp: Response<ResponseBody>,
         upstream: Option<(SocketAddr, std::time::Duration)>,
     ) -> Response<ResponseBody> {
+        let s = &self.scripts;
+        if s.header_filter.is_none() && s.body_filter.is_none() && s.log.is_none() {
+            let r = self.req.borrow();
+            // No later script reads the response, no script changed its headers, and no phase that
+            // answered runs on (it reads the headers it sent): pass the response through untouched.
+            if r.resp.headers.is_empty() && !r.resp.headers_sent {
+                return resp;
+            }
+        }
         let (mut head, body) = resp.into_parts();
         {
             let mut r = self.req.borrow_mut();

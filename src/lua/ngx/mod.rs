@@ -108,7 +108,6 @@ pub fn register(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     ngx.set("null", null.clone())?;
     json::register(lua, null)?;
     misc(lua, &ngx, settings)?;
-    headers_metatable(lua)?;
     dynamic_fields(lua, &ngx)?;
     unsupported(lua, &ngx)?;
     lua.globals().set("ngx", ngx.clone())?;
@@ -270,19 +269,6 @@ fn dynamic_fields(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     arg.set_metatable(Some(amt))?;
     ngx.raw_set("arg", arg)
-}
-
-/// get_headers' result: case-insensitive lookup with `_` as `-`, as OpenResty's.
-fn headers_metatable(lua: &Lua) -> mlua::Result<()> {
-    let mt = lua.create_table()?;
-    mt.set(
-        "__index",
-        lua.create_function(|_, (t, k): (Table, mlua::LuaString)| {
-            let norm = k.to_str()?.to_ascii_lowercase().replace('_', "-");
-            t.raw_get::<Value>(norm)
-        })?,
-    )?;
-    lua.set_named_registry_value("luagate.headers_mt", mt)
 }
 
 fn misc(lua: &Lua, ngx: &Table, settings: &Settings) -> mlua::Result<()> {

@@ -7,10 +7,12 @@
 use bytes::Bytes;
 use http::Method;
 use http_body_util::BodyExt;
-use mlua::{Lua, Table, Value};
+use std::ffi::c_int;
+
+use mlua::{ffi, Lua, Table, Value};
 
 use super::resp::{header_name, header_values};
-use crate::lua::request;
+use crate::lua::{ceiling, request};
 
 /// nginx's method constants (`ngx.HTTP_GET` …) and their names.
 pub const METHODS: [(&str, i64); 15] = [
@@ -33,49 +35,10 @@ pub const METHODS: [(&str, i64); 15] = [
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let req = lua.create_table()?;
-    req.set(
-        "get_headers",
-        lua.create_function(|lua, (max, raw): (Option<i64>, Option<bool>)| {
-            let max = max.unwrap_or(100);
-            let raw = raw.unwrap_or(false);
-            // Lua strings are made straight from the request's headers: no intermediate copies.
-            let (t, truncated) = request::with("ngx.req.get_headers", |r| -> mlua::Result<(Table, bool)> {
-                let h = &r.parts.headers;
-                let t = lua.create_table_with_capacity(0, h.keys_len())?;
-                let mut left = if max > 0 { max as usize } else { usize::MAX };
-                for name in h.keys() {
-                    let mut values = h.get_all(name).iter();
-                    let Some(first) = values.next() else { continue };
-                    if left == 0 {
-                        return Ok((t, true));
-                    }
-                    left -= 1;
-                    let first = lua.create_string(first.as_bytes())?;
-                    let Some(second) = values.next() else {
-                        t.raw_set(name.as_str(), first)?;
-                        continue;
-                    };
-                    let list = lua.create_table_with_capacity(2, 0)?;
-                    list.raw_push(first)?;
-                    for v in std::iter::once(second).chain(values) {
-                        if left == 0 {
-                            t.raw_set(name.as_str(), list)?;
-                            return Ok((t, true));
-                        }
-                        left -= 1;
-                        list.raw_push(lua.create_string(v.as_bytes())?)?;
-                    }
-                    t.raw_set(name.as_str(), list)?;
-                }
-                Ok((t, false))
-            })??;
-            if !raw {
-                let mt: Table = lua.named_registry_value("luagate.headers_mt")?;
-                t.set_metatable(Some(mt))?;
-            }
-            Ok((t, truncated.then_some("truncated")))
-        })?,
-    )?;
+    req.set("get_headers", {
+        let mt = headers_metatable(lua)?;
+        lua.create_function(move |lua, (max, raw): (Option<i64>, Option<bool>)| get_headers(lua, &mt, max, raw))?
+    })?;
     req.set(
         "set_header",
         lua.create_function(|_, (name, value): (mlua::LuaString, Value)| {
@@ -220,4 +183,81 @@ fn escape_path(p: &str) -> String {
         }
     }
     out
+}
+
+/// `ngx.req.get_headers(max?, raw?)`: a fresh table of the request headers
+/// (lower-cased names, repeated headers as lists; case-insensitive lookup
+/// unless raw), built straight on the Lua stack with the memory ceiling
+/// lifted: through mlua's `Table` API each string and each set was a
+/// protected call of its own (~800 instructions a header), one protected
+/// call for all (`exec_raw`) still cost ~3.5k.
+fn get_headers(
+    lua: &Lua,
+    mt: &Table,
+    max: Option<i64>,
+    raw: Option<bool>,
+) -> mlua::Result<(Table, Option<&'static str>)> {
+    let max = match max.unwrap_or(100) {
+        m if m > 0 => m as usize,
+        _ => usize::MAX,
+    };
+    let req = request::current().ok_or_else(|| request::outside("ngx.req.get_headers"))?;
+    let r = req.try_borrow().map_err(|_| mlua::Error::RuntimeError("ngx.req.get_headers: request busy".into()))?;
+    let h = &r.parts.headers;
+    let mut truncated = false;
+    let t = ceiling::lifted_raw(lua, |state| {
+        // SAFETY: with the ceiling lifted these calls cannot raise a Lua error
+        // (short of the process running out of memory, which aborts either
+        // way); the stack ends one table higher, within the 8 slots reserved.
+        unsafe {
+            let push = |b: &[u8]| ffi::lua_pushlstring(state, b.as_ptr().cast(), b.len());
+            ffi::lua_createtable(state, 0, h.keys_len().min(max) as c_int);
+            let mut left = max;
+            'names: for name in h.keys() {
+                let mut values = h.get_all(name).iter();
+                let Some(first) = values.next() else { continue };
+                if left == 0 {
+                    truncated = true;
+                    break;
+                }
+                left -= 1;
+                push(name.as_str().as_bytes());
+                push(first.as_bytes());
+                if let Some(second) = values.next() {
+                    // A repeated header: a list of its values.
+                    ffi::lua_createtable(state, 2, 0);
+                    ffi::lua_insert(state, -2);
+                    ffi::lua_rawseti(state, -2, 1);
+                    for (i, v) in std::iter::once(second).chain(values).enumerate() {
+                        if left == 0 {
+                            truncated = true;
+                            ffi::lua_rawset(state, -3);
+                            break 'names;
+                        }
+                        left -= 1;
+                        push(v.as_bytes());
+                        ffi::lua_rawseti(state, -2, i as ffi::lua_Integer + 2);
+                    }
+                }
+                ffi::lua_rawset(state, -3);
+            }
+        }
+    })?;
+    if !raw.unwrap_or(false) {
+        t.set_metatable(Some(mt.clone()))?;
+    }
+    Ok((t, truncated.then_some("truncated")))
+}
+
+/// get_headers' metatable: case-insensitive lookup with `_` as `-`, as OpenResty's.
+fn headers_metatable(lua: &Lua) -> mlua::Result<Table> {
+    let mt = lua.create_table()?;
+    mt.set(
+        "__index",
+        lua.create_function(|_, (t, k): (Table, mlua::LuaString)| {
+            let norm = k.to_str()?.to_ascii_lowercase().replace('_', "-");
+            t.raw_get::<Value>(norm)
+        })?,
+    )?;
+    Ok(mt)
 }

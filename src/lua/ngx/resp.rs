@@ -18,6 +18,7 @@ use http::{HeaderName, HeaderValue};
 use mlua::{Lua, MultiValue, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::lua::ceiling;
 use crate::lua::request::{self, LuaRequest};
 use crate::lua::Phase;
 
@@ -320,13 +321,13 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             let values: Vec<Vec<u8>> = request::with("ngx.header", |r| {
                 r.resp.headers.get_all(&name).iter().map(|v| v.as_bytes().to_vec()).collect()
             })?;
-            match values.len() {
+            ceiling::lifted(lua, || match values.len() {
                 0 => Ok(Value::Nil),
                 1 => Ok(Value::String(lua.create_string(&values[0])?)),
                 _ => Ok(Value::Table(lua.create_sequence_from(
                     values.iter().map(|v| lua.create_string(v)).collect::<mlua::Result<Vec<_>>>()?,
                 )?)),
-            }
+            })
         })?,
     )?;
     mt.set(

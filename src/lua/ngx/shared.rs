@@ -48,6 +48,7 @@ use std::time::Instant;
 use mlua::{Lua, LuaString, MultiValue, Table, UserData, Value};
 
 use super::raise::{api_function, raise};
+use crate::lua::ceiling;
 
 /// Longest key OpenResty accepts.
 const MAX_KEY_LEN: usize = 65535;
@@ -998,7 +999,9 @@ fn metatable(lua: &Lua) -> mlua::Result<Table> {
     let methods = lua.create_table()?;
     macro_rules! method {
         ($name:literal, $f:expr) => {
-            methods.raw_set($name, api_function(lua, $f)?)?;
+            // Values are bounded by the dict's capacity: made past the Lua memory ceiling.
+            let f = $f;
+            methods.raw_set($name, api_function(lua, move |lua, args| ceiling::lifted(lua, || f(lua, args)))?)?;
         };
     }
     method!("get", get_method(false));

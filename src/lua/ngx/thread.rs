@@ -173,6 +173,9 @@ impl Group {
 
     /// Kill every thread still running.
     fn abort_all(&self) {
+        if self.running.get() == 0 {
+            return;
+        }
         let running: Vec<Rc<UThread>> =
             self.threads.borrow().values().filter(|t| matches!(*t.state.borrow(), State::Running)).cloned().collect();
         for t in running {

@@ -4,6 +4,7 @@
 
 use mlua::{Lua, Table, Value};
 
+use crate::lua::ceiling;
 use crate::lua::request::{self, LuaRequest};
 use crate::phase::variable::Variable;
 
@@ -73,7 +74,7 @@ pub fn register(lua: &Lua, ngx: &Table, declared: Vec<(String, String)>) -> mlua
         lua.create_function(move |lua, (_, name): (Value, mlua::LuaString)| {
             let name = name.to_str()?;
             let v = request::with("ngx.var", |r| get(r, &name, &d))?;
-            v.map(|v| lua.create_string(v)).transpose()
+            ceiling::lifted(lua, || v.map(|v| lua.create_string(v)).transpose())
         })?,
     )?;
     mt.set(

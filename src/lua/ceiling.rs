@@ -1,0 +1,84 @@
+//! Where Rust callbacks step past the Lua state's memory ceiling.
+//!
+//! With a ceiling set (`lua.memory_limit`), mlua makes every string and
+//! table inside a protected call — a `pcall` and a fresh C closure each,
+//! ~3k instructions — because the allocation may fail. Callbacks that only
+//! build values bounded by the request or by a shared dict's capacity
+//! (`ngx.req.get_headers`, `ngx.var.*`, `ngx.shared.DICT:get`) make them
+//! with the ceiling lifted instead; the script meets the ceiling at its own
+//! next allocation. Callbacks whose output a script can grow without bound
+//! (`cjson.decode`, `ngx.re.gsub`, …) keep it.
+
+use mlua::{ffi, IntoLuaMulti, Lua, MultiValue, Table};
+
+/// Runs `f` with the memory ceiling lifted, and converts what it returns
+/// to Lua values before the ceiling comes back.
+pub fn lifted<R: IntoLuaMulti>(lua: &Lua, f: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<MultiValue> {
+    let limit = lua.set_memory_limit(0).unwrap_or(0);
+    if limit == 0 {
+        return f()?.into_lua_multi(lua);
+    }
+    let _restore = Restore(lua, limit);
+    f()?.into_lua_multi(lua)
+}
+
+/// Runs `build` on the raw Lua stack with the memory ceiling lifted and
+/// returns the table it leaves on top. `build` gets 8 free stack slots and
+/// must leave exactly one table more than it found.
+pub fn lifted_raw(lua: &Lua, build: impl FnOnce(*mut ffi::lua_State)) -> mlua::Result<Table> {
+    let limit = lua.set_memory_limit(0).unwrap_or(0);
+    let _restore = Restore(lua, limit);
+    lua.exec_raw_lua(|raw| {
+        let state = raw.state();
+        // SAFETY: `raw` is the state of the running callback; with the ceiling
+        // lifted, growing the stack cannot raise a Lua error.
+        unsafe {
+            if ffi::lua_checkstack(state, 8) == 0 {
+                return Err(mlua::Error::StackError);
+            }
+            build(state);
+            raw.pop::<Table>()
+        }
+    })
+}
+
+/// Puts the ceiling back however the lifted section ends (a panic included).
+struct Restore<'a>(&'a Lua, usize);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        if self.1 != 0 {
+            let _ = self.0.set_memory_limit(self.1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_is_lifted_inside_and_restored_after() {
+        let lua = Lua::new();
+        lua.set_memory_limit(lua.used_memory() + (1 << 20)).unwrap();
+        let limit = lua.set_memory_limit(0).unwrap();
+        lua.set_memory_limit(limit).unwrap();
+        // 4 MiB made inside: over the 1 MiB headroom, but allowed.
+        let made = lifted(&lua, || lua.create_string(vec![b'x'; 4 << 20])).unwrap();
+        assert_eq!(made.len(), 1);
+        assert_eq!(lua.set_memory_limit(limit).unwrap(), limit, "ceiling restored");
+        // Outside, the script meets the ceiling at its next allocation.
+        let err = lua.load("local t = {} for i = 1, 1e6 do t[i] = i end").exec().unwrap_err();
+        assert!(matches!(err, mlua::Error::MemoryError(_)), "{err}");
+        drop(made);
+    }
+
+    #[test]
+    fn errors_pass_through_and_the_ceiling_comes_back() {
+        let lua = Lua::new();
+        lua.set_memory_limit(64 << 20).unwrap();
+        let err = lifted::<()>(&lua, || Err(mlua::Error::RuntimeError("boom".into()))).unwrap_err();
+        assert!(err.to_string().contains("boom"));
+        assert_eq!(lua.set_memory_limit(64 << 20).unwrap(), 64 << 20);
+    }
+}

@@ -38,6 +38,45 @@ def ratio(v, ref):
     return v / ref
 
 
+# The goals of the benchmark issue: (goal, workload, target, key, compared with (workload, target), op, bound).
+GOALS = [
+    ("HTTP/1.1 throughput ≥ 1.2× nginx", "http-small", "luagate", "rps", ("http-small", "nginx"), ">=", 1.2),
+    ("HTTP/1.1 proxy CPU per request ≤ 0.8× nginx", "http-small", "luagate", "cpu_us_per_req",
+     ("http-small", "nginx"), "<=", 0.8),
+    ("HTTP/1.1 p99 at half load ≤ nginx's", "http-openloop", "luagate", "p99_us", ("http-openloop", "nginx"), "<=", 1.0),
+    ("gRPC unary throughput ≥ 1.5× nginx grpc_pass", "grpc-unary", "luagate", "rps", ("grpc-unary", "nginx"), ">=", 1.5),
+    ("gRPC unary CPU per request ≤ 0.6× nginx", "grpc-unary", "luagate", "cpu_us_per_req", ("grpc-unary", "nginx"),
+     "<=", 0.6),
+    ("empty Lua hook keeps ≥ 95 % of the route's throughput", "lua-empty", "luagate", "rps", ("http-small", "luagate"),
+     ">=", 0.95),
+    ("realistic Lua hook keeps ≥ 90 % of the route's throughput", "lua-realistic", "luagate", "rps",
+     ("http-small", "luagate"), ">=", 0.90),
+    ("with the empty hook ≥ 1.3× OpenResty", "lua-empty", "luagate", "rps", ("lua-empty", "nginx-lua"), ">=", 1.3),
+    ("with the realistic hook ≥ 1.3× OpenResty", "lua-realistic", "luagate", "rps", ("lua-realistic", "nginx-lua"),
+     ">=", 1.3),
+]
+
+
+def goals(doc):
+    """The goals table: each goal's ratio from this run, met or not."""
+    summary = doc["summary"]
+    rows = []
+    for title, w, t, key, (rw, rt), op, bound in GOALS:
+        r = ratio(summary.get(w, {}).get(t, {}).get(key), summary.get(rw, {}).get(rt, {}).get(key))
+        if r is None:
+            continue
+        met = r >= bound if op == ">=" else r <= bound
+        rows.append(f"| {title} | {r:.2f}× | {'met' if met else 'not met'} |")
+    idle = summary.get("idle-conns", {}).get("luagate", {}).get("bytes_per_conn")
+    if isinstance(idle, (int, float)):
+        rows.append(f"| ≤ 2 KiB of RSS per idle keep-alive connection | {idle:,.0f} B | "
+                    f"{'met' if idle <= 2048 else 'not met'} |")
+    if not rows:
+        return []
+    return ["## Goals", "", "From this run (benches/NOTES.md: what bounds the goals not met).", "",
+            "| goal | this run | |", "|---|---:|---|"] + rows + [""]
+
+
 def markdown(doc):
     meta, targets, summary = doc["meta"], doc["targets"], doc["summary"]
     k = meta["knobs"]
@@ -54,6 +93,7 @@ def markdown(doc):
     out += ["Each cell is the median and, in brackets, its ratio to the workload's reference target "
             "(marked *ref*) from the same run. For req/s and MB/s higher is better; for latency, CPU and "
             "memory lower is better.", ""]
+    out += goals(doc)
     for w in doc["workloads"]:
         s = summary.get(w["name"], {})
         if not s:

@@ -31,7 +31,6 @@ use bytes::{Buf, Bytes};
 use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, Service};
@@ -180,7 +179,6 @@ where
     I: AsyncRead + AsyncWrite + Unpin + 'static,
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible> + 'static,
     S::Future: 'static,
-    LocalExec: Http2ServerConnExec<S::Future, ResponseBody>,
 {
     async move {
         // An async block takes only the fields of `c` it uses: this keeps the
@@ -318,6 +316,9 @@ where
     }
 }
 
+/// The pipeline's future of one HTTP/2 stream.
+type StreamFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>>>>;
+
 fn ended(res: Result<(), BoxError>) {
     if let Err(e) = res {
         tracing::debug!(error = %e, "connection ended with an error");
@@ -338,8 +339,10 @@ where
     I: AsyncRead + AsyncWrite + Unpin + 'static,
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible> + 'static,
     S::Future: 'static,
-    LocalExec: Http2ServerConnExec<S::Future, ResponseBody>,
 {
+    // hyper spawns a task per stream that holds the service's future: boxed, what the
+    // spawn moves is a pointer, not the pipeline's ~4 KB state (several copies per stream).
+    let service = service_fn(move |req| -> StreamFuture { Box::pin(service.call(req)) });
     let mut conn = Box::pin(
         http2::Builder::new(LocalExec)
             .timer(TokioTimer::new())

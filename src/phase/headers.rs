@@ -5,15 +5,12 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, TE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     // A string match compiles to a switch on the length: cheaper than comparing nine `HeaderName`s.
@@ -34,37 +31,33 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Remove hop-by-hop headers and those the Connection header names.
 /// `keep_te_trailers` keeps `te: trailers`, which gRPC needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // Most messages carry none: one pass over the names is cheaper than nine hashed removals.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    let named: Vec<HeaderName> = if !headers.contains_key(CONNECTION) {
-        Vec::new()
-    } else {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect()
-    };
-    for n in named {
-        if !(keep_te_trailers && n == TE) {
-            headers.remove(n);
+    // Most messages carry none, gRPC requests only `te`: one pass over the names finds those
+    // present and only they are removed (each removal hashes the name again).
+    let present: Vec<HeaderName> = headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for name in present {
+        if name == CONNECTION {
+            let named: Vec<HeaderName> = headers
+                .get_all(CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .collect();
+            for n in named {
+                if !(keep_te_trailers && n == TE) {
+                    headers.remove(n);
+                }
+            }
+            headers.remove(CONNECTION);
+        } else if name == TE {
+            let te_trailers = headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            headers.remove(TE);
+            if keep_te_trailers && te_trailers {
+                headers.insert(TE, HeaderValue::from_static("trailers"));
+            }
+        } else {
+            headers.remove(name);
         }
-    }
-    headers.remove(CONNECTION);
-    // Pre-parsed names: removing by &str would parse and hash each name every time.
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &PROXY_AUTHENTICATE, &PROXY_AUTHORIZATION, &TRAILER] {
-        headers.remove(name);
-    }
-    headers.remove(TRANSFER_ENCODING);
-    headers.remove(UPGRADE);
-    let te_trailers = headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    headers.remove(TE);
-    if keep_te_trailers && te_trailers {
-        headers.insert(TE, HeaderValue::from_static("trailers"));
     }
 }
 

@@ -9,7 +9,29 @@
 //! next allocation. Callbacks whose output a script can grow without bound
 //! (`cjson.decode`, `ngx.re.gsub`, …) keep it.
 
+use std::cell::Cell;
+
 use mlua::{ffi, IntoLuaMulti, Lua, MultiValue, Table};
+
+thread_local! {
+    /// This worker's ceiling (`lua.memory_limit`; 0: none), for what Rust
+    /// buffers on the state's behalf.
+    static LIMIT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Sets the ceiling of this worker's Lua state.
+pub fn set(lua: &Lua, limit: usize) {
+    LIMIT.with(|l| l.set(limit));
+    let _ = lua.set_memory_limit(limit);
+}
+
+/// True when `len` bytes buffered for a script could never become a Lua
+/// string under the ceiling (a cosocket read past it fails instead of
+/// growing without bound).
+pub fn exceeds(len: usize) -> bool {
+    let limit = LIMIT.with(|l| l.get());
+    limit != 0 && len > limit
+}
 
 /// Runs `f` with the memory ceiling lifted, and converts what it returns
 /// to Lua values before the ceiling comes back.

@@ -122,7 +122,7 @@ impl Runtime {
         // SAFETY: the anchor thread lives as long as this runtime, which lives
         // as long as the worker thread that registers it.
         unsafe { budget::register(anchor.state(), settings.time_budget) };
-        let _ = lua.set_memory_limit(settings.memory_limit);
+        super::ceiling::set(&lua, settings.memory_limit);
         Ok(Self {
             lua,
             init_done: Rc::new(Cell::new(true)),
@@ -156,7 +156,7 @@ impl Runtime {
         }
         ngx::on_reload(&self.lua, settings)?;
         budget::set_budget(settings.time_budget);
-        let _ = self.lua.set_memory_limit(settings.memory_limit);
+        super::ceiling::set(&self.lua, settings.memory_limit);
         if self.functions.borrow().len() > 4096 {
             self.functions.borrow_mut().clear();
         }

@@ -531,6 +531,8 @@ enum ReadErr {
     Closed,
     Timeout,
     Io(String),
+    /// More buffered than the Lua state could hold as a string.
+    TooLarge,
 }
 
 impl ReadErr {
@@ -539,6 +541,7 @@ impl ReadErr {
             Self::Closed => "closed",
             Self::Timeout => "timeout",
             Self::Io(s) => s,
+            Self::TooLarge => "not enough memory",
         }
     }
 }
@@ -576,6 +579,10 @@ fn pending_prefix(hay: &[u8], pat: &[u8]) -> usize {
 impl Reader {
     /// Read more from the peer (each wait for data gets the whole timeout).
     async fn fill(&mut self, timeout: Duration) -> Result<(), ReadErr> {
+        if crate::lua::ceiling::exceeds(self.buf.len()) {
+            // A line or body larger than the Lua memory ceiling could never be returned.
+            return Err(ReadErr::TooLarge);
+        }
         self.buf.reserve(READ_CHUNK);
         match tokio::time::timeout(timeout, self.half.read_buf(&mut self.buf)).await {
             Err(_) => Err(ReadErr::Timeout),
@@ -659,6 +666,11 @@ impl Reader {
                 return Err((ReadErr::Closed, rest));
             }
             if let Err(e) = self.fill(timeout).await {
+                if matches!(e, ReadErr::TooLarge) {
+                    // Nothing of it could be handed to Lua either: dropped.
+                    self.buf = BytesMut::new();
+                    return Err((e, Vec::new()));
+                }
                 let rest = self.take_all();
                 let rest = if matches!(op, Op::Line) { strip_cr(&rest) } else { rest };
                 return Err((e, rest));
@@ -2066,6 +2078,35 @@ mod tests {
             .await;
             assert_eq!(r, "[0123][]");
         });
+    }
+
+    #[test]
+    fn a_read_larger_than_the_memory_ceiling_fails_instead_of_growing() {
+        block_on(async {
+            // 3 MiB without a newline, then the connection stays open.
+            let port = serve(|mut s| async move {
+                let _ = s.write_all(&vec![b'x'; 3 << 20]).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            })
+            .await;
+            let lua = new_lua();
+            crate::lua::ceiling::set(&lua, 1 << 20);
+            let r: (Option<String>, String) = eval(
+                &lua,
+                r#"
+                local port = ...
+                local sock = ngx.socket.tcp()
+                sock:settimeout(2000)
+                assert(sock:connect("127.0.0.1", port))
+                local line, err = sock:receive("*l")
+                return line, err
+                "#,
+                port,
+            )
+            .await;
+            crate::lua::ceiling::set(&lua, 0);
+            assert_eq!(r, (None, "not enough memory".into()));
+        })
     }
 
     #[test]

@@ -213,9 +213,9 @@ fn get_headers(
             let push = |b: &[u8]| ffi::lua_pushlstring(state, b.as_ptr().cast(), b.len());
             ffi::lua_createtable(state, 0, h.keys_len().min(max) as c_int);
             let mut left = max;
-            'names: for name in h.keys() {
-                let mut values = h.get_all(name).iter();
-                let Some(first) = values.next() else { continue };
+            // One pass in the map's order: a name's values come one after the other.
+            let mut entries = h.iter().peekable();
+            'names: while let Some((name, first)) = entries.next() {
                 if left == 0 {
                     truncated = true;
                     break;
@@ -223,12 +223,13 @@ fn get_headers(
                 left -= 1;
                 push(name.as_str().as_bytes());
                 push(first.as_bytes());
-                if let Some(second) = values.next() {
+                if entries.peek().is_some_and(|(next, _)| *next == name) {
                     // A repeated header: a list of its values.
                     ffi::lua_createtable(state, 2, 0);
                     ffi::lua_insert(state, -2);
                     ffi::lua_rawseti(state, -2, 1);
-                    for (i, v) in std::iter::once(second).chain(values).enumerate() {
+                    let mut i: ffi::lua_Integer = 2;
+                    while let Some((_, v)) = entries.next_if(|(next, _)| *next == name) {
                         if left == 0 {
                             truncated = true;
                             ffi::lua_rawset(state, -3);
@@ -236,7 +237,8 @@ fn get_headers(
                         }
                         left -= 1;
                         push(v.as_bytes());
-                        ffi::lua_rawseti(state, -2, i as ffi::lua_Integer + 2);
+                        ffi::lua_rawseti(state, -2, i);
+                        i += 1;
                     }
                 }
                 ffi::lua_rawset(state, -3);

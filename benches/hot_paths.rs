@@ -131,8 +131,9 @@ fn bench_header_rewrite(c: &mut Criterion) {
 }
 
 fn bench_lua_hook(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let local = tokio::task::LocalSet::new();
+    // As a worker runs: a current-thread LocalRuntime.
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build_local(Default::default()).expect("runtime");
     let settings = lua::Settings {
         package_path: String::new(),
         shared_dicts: Vec::new(),
@@ -151,7 +152,7 @@ fn bench_lua_hook(c: &mut Criterion) {
         "realistic",
         "local h = ngx.req.get_headers() local a, b = h['x-api-key'], h['user-agent'] ngx.req.set_header('x-plan', a and 'pro' or 'free')",
     );
-    local.block_on(&rt, async {
+    rt.block_on(async {
         let runtime = lua::runtime::get(1, &settings).expect("lua state");
         for (name, s) in [("lua_hook_empty_access", &empty), ("lua_hook_two_headers_set_header", &realistic)] {
             c.bench_function(name, |b| {

@@ -1,7 +1,5 @@
 //! One worker thread: a current-thread tokio runtime for `!Send` tasks
-//! (`LocalRuntime`; a `LocalSet` on a plain runtime cost an eventfd write and
-//! an extra `epoll_wait` for every task an I/O event woke),
-//! its own listeners, its own upstream pool. It follows reloads (opening and
+//! (`LocalRuntime`), its own listeners, its own upstream pool. It follows reloads (opening and
 //! closing listeners the new snapshot adds or drops) and drains its
 //! connections on shutdown, up to the grace period.
 

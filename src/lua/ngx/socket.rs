@@ -1865,6 +1865,7 @@ fn udp_close(lua: &Lua, args: Vec<Value>) -> Ret {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lua::ngx::thread::testing::block_on;
     use mlua::{FromLuaMulti, IntoLuaMulti};
     use std::process::{Child, Command, Stdio};
     use tokio::io::{AsyncBufReadExt, BufReader};
@@ -1883,11 +1884,6 @@ mod tests {
             .unwrap();
         lua.globals().set("sleep", sleep).unwrap();
         lua
-    }
-
-    fn block_on<F: Future>(f: F) -> F::Output {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, f)
     }
 
     async fn eval<R: FromLuaMulti>(lua: &Lua, src: &str, args: impl IntoLuaMulti) -> R {

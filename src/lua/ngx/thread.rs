@@ -627,10 +627,10 @@ pub(crate) mod testing {
         lua
     }
 
-    /// Run `f` on a current-thread runtime inside a `LocalSet`, as a worker does.
+    /// Run `f` on a current-thread `LocalRuntime`, as a worker does.
     pub fn block_on<F: Future>(f: F) -> F::Output {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        tokio::task::LocalSet::new().block_on(&rt, f)
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build_local(Default::default()).unwrap();
+        rt.block_on(f)
     }
 
     /// Run `code` as a handler (entry thread plus its light threads), with `req` published.

@@ -486,5 +486,7 @@ impl Drop for ResponseBody {
 
 /// `grpc-status` of a header or trailer block.
 pub fn grpc_status(h: &HeaderMap) -> Option<u32> {
-    h.get("grpc-status").and_then(|v: &HeaderValue| v.to_str().ok()).and_then(|s| s.parse().ok())
+    // A pre-parsed name: looking up by &str parses and hashes it every time.
+    static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    h.get(&GRPC_STATUS).and_then(|v: &HeaderValue| v.to_str().ok()).and_then(|s| s.parse().ok())
 }

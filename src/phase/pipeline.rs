@@ -270,7 +270,7 @@ impl Proxy<'_> {
         log.peer = Some(answer.peer);
         log.status = head.status.as_u16();
         log.upstream_time = Some(answer.elapsed);
-        log.grpc_status = body::grpc_status(&head.headers);
+        log.grpc_status = if self.is_grpc { body::grpc_status(&head.headers) } else { None };
         let body = ResponseBody::upstream(
             incoming,
             self.is_grpc,

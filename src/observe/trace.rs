@@ -3,6 +3,9 @@
 
 use http::{HeaderMap, HeaderValue};
 
+/// The W3C header's name, parsed once (a `&str` lookup parses it every time).
+pub static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {
     pub trace_id: [u8; 16],
@@ -14,7 +17,7 @@ pub struct TraceContext {
 impl TraceContext {
     /// Continue the trace in `traceparent`, or start one.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let incoming = headers.get("traceparent").and_then(|v| parse(v.as_bytes()));
+        let incoming = headers.get(&TRACEPARENT).and_then(|v| parse(v.as_bytes()));
         let (trace_id, flags) = incoming.unwrap_or_else(|| (random_nonzero::<16>(), 1));
         Self { trace_id, span_id: random_nonzero::<8>(), flags }
     }

@@ -201,7 +201,7 @@ impl Proxy<'_> {
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h, up.protocol == Protocol::H2c);
         headers::set_forwarded(h, &self.conn.client_ip, trusted, real_ip, if self.conn.tls { "https" } else { "http" });
-        h.insert("traceparent", self.trace.header_value());
+        h.insert(&crate::observe::trace::TRACEPARENT, self.trace.header_value());
         let authority = match &self.route.host_header {
             Some(v) => v.clone(),
             None => match parts.headers.get(HOST) {

@@ -9,20 +9,32 @@
 //! next allocation. Callbacks whose output a script can grow without bound
 //! (`cjson.decode`, `ngx.re.gsub`, …) keep it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
-use mlua::{ffi, IntoLuaMulti, Lua, MultiValue, Table};
+use mlua::{IntoLuaMulti, Lua, MultiValue, WeakLua};
 
 thread_local! {
     /// This worker's ceiling (`lua.memory_limit`; 0: none), for what Rust
     /// buffers on the state's behalf.
     static LIMIT: Cell<usize> = const { Cell::new(0) };
+    /// The state the ceiling is set on, for C functions (which get no `&Lua`).
+    static STATE: RefCell<Option<WeakLua>> = const { RefCell::new(None) };
 }
 
 /// Sets the ceiling of this worker's Lua state.
 pub fn set(lua: &Lua, limit: usize) {
     LIMIT.with(|l| l.set(limit));
+    STATE.with(|s| *s.borrow_mut() = Some(lua.weak()));
     let _ = lua.set_memory_limit(limit);
+}
+
+/// [`lifted`] for a C function, on the state [`set`] was last given.
+pub fn lifted_c<R>(f: impl FnOnce() -> R) -> R {
+    let lua = if LIMIT.with(|l| l.get()) == 0 { None } else { STATE.with(|s| s.borrow().as_ref()?.try_upgrade()) };
+    let Some(lua) = lua else { return f() };
+    let limit = lua.set_memory_limit(0).unwrap_or(0);
+    let _restore = Restore(&lua, limit);
+    f()
 }
 
 /// True when `len` bytes buffered for a script could never become a Lua
@@ -42,26 +54,6 @@ pub fn lifted<R: IntoLuaMulti>(lua: &Lua, f: impl FnOnce() -> mlua::Result<R>) -
     }
     let _restore = Restore(lua, limit);
     f()?.into_lua_multi(lua)
-}
-
-/// Runs `build` on the raw Lua stack with the memory ceiling lifted and
-/// returns the table it leaves on top. `build` gets 8 free stack slots and
-/// must leave exactly one table more than it found.
-pub fn lifted_raw(lua: &Lua, build: impl FnOnce(*mut ffi::lua_State)) -> mlua::Result<Table> {
-    let limit = lua.set_memory_limit(0).unwrap_or(0);
-    let _restore = Restore(lua, limit);
-    lua.exec_raw_lua(|raw| {
-        let state = raw.state();
-        // SAFETY: `raw` is the state of the running callback; with the ceiling
-        // lifted, growing the stack cannot raise a Lua error.
-        unsafe {
-            if ffi::lua_checkstack(state, 8) == 0 {
-                return Err(mlua::Error::StackError);
-            }
-            build(state);
-            raw.pop::<Table>()
-        }
-    })
 }
 
 /// Puts the ceiling back however the lifted section ends (a panic included).

@@ -192,7 +192,11 @@ pub fn current() -> Option<Shared> {
 
 /// The error of an API that needs a request, called outside one.
 pub fn outside(api: &str) -> mlua::Error {
-    mlua::Error::RuntimeError(format!("API disabled in the current context: {api} needs a request"))
+    mlua::Error::RuntimeError(outside_message(api))
+}
+
+pub fn outside_message(api: &str) -> String {
+    format!("API disabled in the current context: {api} needs a request")
 }
 
 /// Run `f` on the current request; outside a request (init_worker, timers)

@@ -7,6 +7,7 @@
 //! Functions of OpenResty's API that luagate does not provide raise an error
 //! naming themselves instead of being absent (see [`UNSUPPORTED`]).
 
+pub mod cfn;
 pub mod json;
 pub mod log;
 pub(crate) mod raise;

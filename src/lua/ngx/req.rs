@@ -5,14 +5,15 @@
 //! argument parsing has one implementation.
 
 use bytes::Bytes;
-use http::Method;
+use http::{HeaderValue, Method};
 use http_body_util::BodyExt;
 use std::ffi::c_int;
 
 use mlua::{ffi, Lua, Table, Value};
 
-use super::resp::{header_name, header_values};
-use crate::lua::{ceiling, request};
+use super::cfn;
+use super::resp::{self, header_name, header_values};
+use crate::lua::request;
 
 /// nginx's method constants (`ngx.HTTP_GET` …) and their names.
 pub const METHODS: [(&str, i64); 15] = [
@@ -35,23 +36,18 @@ pub const METHODS: [(&str, i64); 15] = [
 
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let req = lua.create_table()?;
-    req.set("get_headers", {
-        let mt = headers_metatable(lua)?;
-        lua.create_function(move |lua, (max, raw): (Option<i64>, Option<bool>)| get_headers(lua, &mt, max, raw))?
+    req.set("get_headers", cfn::closure(lua, headers_metatable(lua)?, get_headers)?)?;
+    let set_header_general = lua.create_function(|_, (name, value): (mlua::LuaString, Value)| {
+        let name = header_name(&name.to_str()?)?;
+        let values = header_values(&value)?;
+        request::with("ngx.req.set_header", |r| {
+            r.parts.headers.remove(&name);
+            for v in values {
+                r.parts.headers.append(name.clone(), v);
+            }
+        })
     })?;
-    req.set(
-        "set_header",
-        lua.create_function(|_, (name, value): (mlua::LuaString, Value)| {
-            let name = header_name(&name.to_str()?)?;
-            let values = header_values(&value)?;
-            request::with("ngx.req.set_header", |r| {
-                r.parts.headers.remove(&name);
-                for v in values {
-                    r.parts.headers.append(name.clone(), v);
-                }
-            })
-        })?,
-    )?;
+    req.set("set_header", cfn::closure(lua, set_header_general, set_header)?)?;
     req.set(
         "clear_header",
         lua.create_function(|_, name: mlua::LuaString| {
@@ -187,68 +183,88 @@ fn escape_path(p: &str) -> String {
 
 /// `ngx.req.get_headers(max?, raw?)`: a fresh table of the request headers
 /// (lower-cased names, repeated headers as lists; case-insensitive lookup
-/// unless raw), built straight on the Lua stack with the memory ceiling
-/// lifted: through mlua's `Table` API each string and each set was a
-/// protected call of its own (~800 instructions a header), one protected
-/// call for all (`exec_raw`) still cost ~3.5k.
-fn get_headers(
-    lua: &Lua,
-    mt: &Table,
-    max: Option<i64>,
-    raw: Option<bool>,
-) -> mlua::Result<(Table, Option<&'static str>)> {
-    let max = match max.unwrap_or(100) {
-        m if m > 0 => m as usize,
-        _ => usize::MAX,
-    };
-    let req = request::current().ok_or_else(|| request::outside("ngx.req.get_headers"))?;
-    let r = req.try_borrow().map_err(|_| mlua::Error::RuntimeError("ngx.req.get_headers: request busy".into()))?;
-    let h = &r.parts.headers;
-    let mut truncated = false;
-    let t = ceiling::lifted_raw(lua, |state| {
-        // SAFETY: with the ceiling lifted these calls cannot raise a Lua error
-        // (short of the process running out of memory, which aborts either
-        // way); the stack ends one table higher, within the 8 slots reserved.
-        unsafe {
-            let push = |b: &[u8]| ffi::lua_pushlstring(state, b.as_ptr().cast(), b.len());
-            ffi::lua_createtable(state, 0, h.keys_len().min(max) as c_int);
-            let mut left = max;
-            // One pass in the map's order: a name's values come one after the other.
-            let mut entries = h.iter().peekable();
-            'names: while let Some((name, first)) = entries.next() {
-                if left == 0 {
-                    truncated = true;
-                    break;
-                }
-                left -= 1;
-                push(name.as_str().as_bytes());
-                push(first.as_bytes());
-                if entries.peek().is_some_and(|(next, _)| *next == name) {
-                    // A repeated header: a list of its values.
-                    ffi::lua_createtable(state, 2, 0);
-                    ffi::lua_insert(state, -2);
-                    ffi::lua_rawseti(state, -2, 1);
-                    let mut i: ffi::lua_Integer = 2;
-                    while let Some((_, v)) = entries.next_if(|(next, _)| *next == name) {
-                        if left == 0 {
-                            truncated = true;
-                            ffi::lua_rawset(state, -3);
-                            break 'names;
-                        }
-                        left -= 1;
-                        push(v.as_bytes());
-                        ffi::lua_rawseti(state, -2, i);
-                        i += 1;
-                    }
-                }
-                ffi::lua_rawset(state, -3);
+/// through upvalue 1, the metatable, unless raw), built straight on the Lua
+/// stack: through mlua's `Table` API each string and each set was a
+/// protected call of its own (benches/NOTES.md §5).
+unsafe extern "C-unwind" fn get_headers(state: *mut ffi::lua_State) -> c_int {
+    cfn::call(state, || {
+        let max = match ffi::lua_type(state, 1) {
+            ffi::LUA_TNONE | ffi::LUA_TNIL => 100,
+            _ if ffi::lua_isnumber(state, 1) != 0 => ffi::lua_tointeger(state, 1),
+            t => {
+                let got = std::ffi::CStr::from_ptr(ffi::lua_typename(state, t)).to_string_lossy();
+                return Err(format!("bad argument #1 to 'get_headers' (number expected, got {got})"));
             }
+        };
+        let max = if max > 0 { max as usize } else { usize::MAX };
+        let raw = ffi::lua_toboolean(state, 2) != 0;
+        let req = request::current().ok_or_else(|| request::outside_message("ngx.req.get_headers"))?;
+        let r = req.try_borrow().map_err(|_| "ngx.req.get_headers: request busy".to_string())?;
+        let h = &r.parts.headers;
+        let mut truncated = false;
+        ffi::lua_createtable(state, 0, h.keys_len().min(max) as c_int);
+        let mut left = max;
+        // One pass in the map's order: a name's values come one after the other.
+        let mut entries = h.iter().peekable();
+        'names: while let Some((name, first)) = entries.next() {
+            if left == 0 {
+                truncated = true;
+                break;
+            }
+            left -= 1;
+            cfn::push(state, name.as_str().as_bytes());
+            cfn::push(state, first.as_bytes());
+            if entries.peek().is_some_and(|(next, _)| *next == name) {
+                // A repeated header: a list of its values.
+                ffi::lua_createtable(state, 2, 0);
+                ffi::lua_insert(state, -2);
+                ffi::lua_rawseti(state, -2, 1);
+                let mut i: ffi::lua_Integer = 2;
+                while let Some((_, v)) = entries.next_if(|(next, _)| *next == name) {
+                    if left == 0 {
+                        truncated = true;
+                        ffi::lua_rawset(state, -3);
+                        break 'names;
+                    }
+                    left -= 1;
+                    cfn::push(state, v.as_bytes());
+                    ffi::lua_rawseti(state, -2, i);
+                    i += 1;
+                }
+            }
+            ffi::lua_rawset(state, -3);
         }
-    })?;
-    if !raw.unwrap_or(false) {
-        t.set_metatable(Some(mt.clone()))?;
+        if !raw {
+            ffi::lua_pushvalue(state, ffi::lua_upvalueindex(1));
+            ffi::lua_setmetatable(state, -2);
+        }
+        if truncated {
+            cfn::push(state, b"truncated");
+            return Ok(2);
+        }
+        Ok(1)
+    })
+}
+
+/// `ngx.req.set_header(name, value)`: a string value set directly; a list,
+/// number or nil goes to the general implementation (upvalue 1).
+unsafe extern "C-unwind" fn set_header(state: *mut ffi::lua_State) -> c_int {
+    let simple = ffi::lua_gettop(state) == 2
+        && ffi::lua_type(state, 1) == ffi::LUA_TSTRING
+        && ffi::lua_type(state, 2) == ffi::LUA_TSTRING;
+    if !simple {
+        return cfn::delegate(state);
     }
-    Ok((t, truncated.then_some("truncated")))
+    cfn::call(state, || {
+        let (Some(name), Some(value)) = (cfn::bytes(state, 1), cfn::bytes(state, 2)) else { return Ok(0) };
+        let name = resp::header_name_bytes(name)?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| "invalid header value".to_string())?;
+        let req = request::current().ok_or_else(|| request::outside_message("ngx.req.set_header"))?;
+        let mut r = req.try_borrow_mut().map_err(|_| "ngx.req.set_header: request busy".to_string())?;
+        // `insert` replaces every value the header had.
+        r.parts.headers.insert(name, value);
+        Ok(0)
+    })
 }
 
 /// get_headers' metatable: case-insensitive lookup with `_` as `-`, as OpenResty's.

@@ -382,8 +382,19 @@ pub fn set_status(v: Value) -> mlua::Result<()> {
 
 /// `ngx.header.content_type` → `content-type`, as lua-nginx-module maps names.
 pub fn header_name(name: &str) -> mlua::Result<HeaderName> {
-    let n = name.replace('_', "-").to_ascii_lowercase();
-    HeaderName::from_bytes(n.as_bytes()).map_err(|_| mlua::Error::RuntimeError(format!("invalid header name {name:?}")))
+    header_name_bytes(name.as_bytes()).map_err(mlua::Error::RuntimeError)
+}
+
+/// [`header_name`] of raw bytes (`HeaderName::from_bytes` lowercases; only `_`
+/// needs replacing, and only then is the name copied).
+pub fn header_name_bytes(name: &[u8]) -> Result<HeaderName, String> {
+    let parsed = if name.contains(&b'_') {
+        let dashed: Vec<u8> = name.iter().map(|&b| if b == b'_' { b'-' } else { b }).collect();
+        HeaderName::from_bytes(&dashed)
+    } else {
+        HeaderName::from_bytes(name)
+    };
+    parsed.map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))
 }
 
 /// A header value or list of them; nil clears.

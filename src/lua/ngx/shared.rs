@@ -40,14 +40,17 @@
 //! malformed arguments that OpenResty gets from LuaJIT's FFI ("cannot convert 'string' to 'int'") or
 //! from `luaL_check*` ("bad argument #2 to '?'") are worded as ordinary bad-argument errors.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ffi::c_int;
 use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use mlua::{Lua, LuaString, MultiValue, Table, UserData, Value};
+use mlua::{ffi, Lua, LuaString, MultiValue, Table, UserData, Value};
 
-use super::raise::{api_function, raise};
+use super::cfn;
+use super::raise::{api_function, raise, wrap};
 use crate::lua::ceiling;
 
 /// Longest key OpenResty accepts.
@@ -1004,7 +1007,11 @@ fn metatable(lua: &Lua) -> mlua::Result<Table> {
             methods.raw_set($name, api_function(lua, move |lua, args| ceiling::lifted(lua, || f(lua, args)))?)?;
         };
     }
-    method!("get", get_method(false));
+    // `get`, the method of nearly every request, takes its common case on the C API (`get_fast`),
+    // under the same error-raising wrapper as the others.
+    let general_get = get_method(false);
+    let general_get = lua.create_function(move |lua, args| ceiling::lifted(lua, || general_get(lua, args)))?;
+    methods.raw_set("get", wrap(lua, cfn::closure(lua, general_get, get_fast)?)?)?;
     method!("get_stale", get_method(true));
     method!("set", store_method(Op::Set, false));
     method!("safe_set", store_method(Op::Set, true));
@@ -1047,12 +1054,74 @@ pub fn register(lua: &Lua, ngx: &Table, dicts: &[(String, Arc<SharedDict>)]) -> 
         _ => lua.create_table_with_capacity(0, dicts.len())?,
     };
     for (name, d) in dicts {
-        let t = lua.create_table_with_capacity(1, 0)?;
+        let t = lua.create_table_with_capacity(2, 0)?;
         t.raw_set(1, lua.create_userdata(Zone(d.clone()))?)?;
+        t.raw_set(2, fast_index(d))?;
         t.set_metatable(Some(mt.clone()))?;
         shared.raw_set(name.as_str(), t)?;
     }
     ngx.raw_set("shared", shared)
+}
+
+thread_local! {
+    /// The dicts this thread's Lua state knows, for [`get_fast`]: a dict
+    /// table's `[2]` is its position here plus one (its `[1]`, the `Zone`
+    /// userdata, keeps it alive and serves every other method).
+    static FAST_ZONES: RefCell<Vec<Arc<SharedDict>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn fast_index(d: &Arc<SharedDict>) -> i64 {
+    FAST_ZONES.with(|z| {
+        let mut z = z.borrow_mut();
+        let i = z.iter().position(|known| Arc::ptr_eq(known, d)).unwrap_or_else(|| {
+            z.push(Arc::clone(d));
+            z.len() - 1
+        });
+        i as i64 + 1
+    })
+}
+
+/// `dict:get(key)` with a string key, on the C API (`cfn`); anything else —
+/// another key type, a forged table, extra arguments — goes to the general
+/// method (upvalue 1), which answers as resty.core does or returns the error
+/// the `raise` wrapper around this function raises at the script's line.
+unsafe extern "C-unwind" fn get_fast(state: *mut ffi::lua_State) -> c_int {
+    if ffi::lua_gettop(state) != 2 || ffi::lua_type(state, 1) != ffi::LUA_TTABLE {
+        return cfn::delegate(state);
+    }
+    ffi::lua_rawgeti(state, 1, 2);
+    let index = if ffi::lua_type(state, -1) == ffi::LUA_TNUMBER { ffi::lua_tointeger(state, -1) } else { 0 };
+    ffi::lua_pop(state, 1);
+    let dict = FAST_ZONES.with(|z| z.borrow().get((index as usize).wrapping_sub(1)).cloned());
+    let key_ok = cfn::bytes(state, 2).is_some_and(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
+    let Some(dict) = dict.filter(|_| key_ok) else { return cfn::delegate(state) };
+    cfn::call(state, || {
+        let key = cfn::bytes(state, 2).unwrap_or_default();
+        Ok(match dict.get(key, false) {
+            Got::Missing => {
+                ffi::lua_pushnil(state);
+                1
+            }
+            Got::List => {
+                ffi::lua_pushnil(state);
+                cfn::push(state, b"value is a list");
+                2
+            }
+            Got::Val { val, flags, .. } => {
+                match val {
+                    Scalar::Bool(b) => ffi::lua_pushboolean(state, c_int::from(b)),
+                    Scalar::Num(n) => ffi::lua_pushnumber(state, n),
+                    Scalar::Str(s) => cfn::push(state, &s),
+                }
+                if flags == 0 {
+                    1
+                } else {
+                    ffi::lua_pushnumber(state, flags.into());
+                    2
+                }
+            }
+        })
+    })
 }
 
 #[cfg(test)]

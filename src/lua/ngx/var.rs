@@ -2,8 +2,13 @@
 //! into Lua up front). Declared variables (`lua.variables`) and `args` may be
 //! set; other names are read-only, as in nginx.
 
-use mlua::{Lua, Table, Value};
+use std::cell::RefCell;
+use std::ffi::c_int;
+use std::rc::Rc;
 
+use mlua::{ffi, Lua, Table, Value};
+
+use super::cfn;
 use crate::lua::ceiling;
 use crate::lua::request::{self, LuaRequest};
 use crate::phase::variable::Variable;
@@ -64,19 +69,43 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+thread_local! {
+    /// The declared variables of this thread's Lua state, for [`index`].
+    static DECLARED: RefCell<Rc<Vec<(String, String)>>> = RefCell::new(Rc::new(Vec::new()));
+}
+
+/// `ngx.var.NAME` for a string name, on the C API (`cfn`): scripts read
+/// several variables per request. Other keys go to the general `__index`
+/// (upvalue 1).
+unsafe extern "C-unwind" fn index(state: *mut ffi::lua_State) -> c_int {
+    if ffi::lua_type(state, 2) != ffi::LUA_TSTRING {
+        return cfn::delegate(state);
+    }
+    cfn::call(state, || {
+        let name = cfn::bytes(state, 2).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
+        let req = request::current().ok_or_else(|| request::outside_message("ngx.var"))?;
+        let r = req.try_borrow().map_err(|_| "ngx.var: request busy".to_string())?;
+        let value = DECLARED.with(|d| get(&r, name, &d.borrow()));
+        match value {
+            Some(v) => cfn::push(state, &v),
+            None => ffi::lua_pushnil(state),
+        }
+        Ok(1)
+    })
+}
+
 pub fn register(lua: &Lua, ngx: &Table, declared: Vec<(String, String)>) -> mlua::Result<()> {
     let var = lua.create_table()?;
     let mt = lua.create_table()?;
-    let declared = std::rc::Rc::new(declared);
+    let declared = Rc::new(declared);
+    DECLARED.with(|d| *d.borrow_mut() = Rc::clone(&declared));
     let d = declared.clone();
-    mt.set(
-        "__index",
-        lua.create_function(move |lua, (_, name): (Value, mlua::LuaString)| {
-            let name = name.to_str()?;
-            let v = request::with("ngx.var", |r| get(r, &name, &d))?;
-            ceiling::lifted(lua, || v.map(|v| lua.create_string(v)).transpose())
-        })?,
-    )?;
+    let general_index = lua.create_function(move |lua, (_, name): (Value, mlua::LuaString)| {
+        let name = name.to_str()?;
+        let v = request::with("ngx.var", |r| get(r, &name, &d))?;
+        ceiling::lifted(lua, || v.map(|v| lua.create_string(v)).transpose())
+    })?;
+    mt.set("__index", cfn::closure(lua, general_index, index)?)?;
     mt.set(
         "__newindex",
         lua.create_function(move |_, (_, name, value): (Value, mlua::LuaString, Value)| {

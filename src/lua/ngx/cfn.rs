@@ -1,6 +1,6 @@
 //! API functions written on LuaJIT's C API, for the calls scripts make on
 //! nearly every request (`ngx.req.get_headers`, `ngx.req.set_header`,
-//! `ngx.var.NAME`, `ngx.shared.DICT:get`).
+//! `ngx.var.NAME`, `ngx.header.NAME = v`, `ngx.shared.DICT:get`).
 //!
 //! An mlua callback converts its arguments and results through mlua's value
 //! types and guards the call for errors: ~1k instructions before the work

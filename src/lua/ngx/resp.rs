@@ -11,13 +11,15 @@
 //! sentinel error that the `pcall` wrapper lets through, where OpenResty
 //! yields instead.
 
+use std::ffi::c_int;
 use std::task::Waker;
 
 use bytes::{BufMut, Bytes};
 use http::{HeaderName, HeaderValue};
-use mlua::{Lua, MultiValue, Table, Value};
+use mlua::{ffi, Lua, MultiValue, Table, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cfn;
 use crate::lua::ceiling;
 use crate::lua::request::{self, LuaRequest};
 use crate::lua::Phase;
@@ -330,28 +332,53 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             })
         })?,
     )?;
-    mt.set(
-        "__newindex",
-        lua.create_function(|_, (_, name, value): (Value, mlua::LuaString, Value)| {
-            let name = header_name(&name.to_str()?)?;
-            let values = header_values(&value)?;
-            request::with("ngx.header", |r| {
-                if r.phase != Phase::HeaderFilter && (r.phase.is_after_headers() || r.resp.headers_sent) {
-                    return Err(mlua::Error::RuntimeError(
-                        "attempt to set ngx.header.HEADER after sending out response headers".into(),
-                    ));
-                }
-                r.resp.headers.remove(&name);
-                for v in values {
-                    r.resp.headers.append(name.clone(), v);
-                }
-                Ok(())
-            })?
-        })?,
-    )?;
+    let general_set = lua.create_function(|_, (_, name, value): (Value, mlua::LuaString, Value)| {
+        let name = header_name(&name.to_str()?)?;
+        let values = header_values(&value)?;
+        request::with("ngx.header", |r| {
+            if !header_settable(r) {
+                return Err(mlua::Error::RuntimeError(
+                    "attempt to set ngx.header.HEADER after sending out response headers".into(),
+                ));
+            }
+            r.resp.headers.remove(&name);
+            for v in values {
+                r.resp.headers.append(name.clone(), v);
+            }
+            Ok(())
+        })?
+    })?;
+    mt.set("__newindex", cfn::closure(lua, general_set, set_header)?)?;
     header.set_metatable(Some(mt))?;
     ngx.set("header", header)?;
     Ok(())
+}
+
+/// Response headers can change until they are sent (header_filter may still change them).
+fn header_settable(r: &LuaRequest) -> bool {
+    r.phase == Phase::HeaderFilter || !(r.phase.is_after_headers() || r.resp.headers_sent)
+}
+
+/// `ngx.header.NAME = "value"` on the C API (`cfn`); lists, numbers, nil, a
+/// request not there or headers already sent go to the general
+/// `__newindex` (upvalue 1), which sets them or raises.
+unsafe extern "C-unwind" fn set_header(state: *mut ffi::lua_State) -> c_int {
+    let simple = ffi::lua_type(state, 2) == ffi::LUA_TSTRING
+        && ffi::lua_type(state, 3) == ffi::LUA_TSTRING
+        && request::current().is_some_and(|req| req.try_borrow().is_ok_and(|r| header_settable(&r)));
+    if !simple {
+        return cfn::delegate(state);
+    }
+    cfn::call(state, || {
+        let (Some(name), Some(value)) = (cfn::bytes(state, 2), cfn::bytes(state, 3)) else { return Ok(0) };
+        let name = header_name_bytes(name)?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| "invalid header value".to_string())?;
+        let req = request::current().ok_or_else(|| request::outside_message("ngx.header"))?;
+        let mut r = req.try_borrow_mut().map_err(|_| "ngx.header: request busy".to_string())?;
+        // `insert` replaces every value the header had.
+        r.resp.headers.insert(name, value);
+        Ok(0)
+    })
 }
 
 /// `ngx.status` read.

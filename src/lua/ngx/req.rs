@@ -5,7 +5,7 @@
 //! argument parsing has one implementation.
 
 use bytes::Bytes;
-use http::{HeaderValue, Method};
+use http::Method;
 use http_body_util::BodyExt;
 use std::ffi::c_int;
 
@@ -255,16 +255,7 @@ unsafe extern "C-unwind" fn set_header(state: *mut ffi::lua_State) -> c_int {
     if !simple {
         return cfn::delegate(state);
     }
-    cfn::call(state, || {
-        let (Some(name), Some(value)) = (cfn::bytes(state, 1), cfn::bytes(state, 2)) else { return Ok(0) };
-        let name = resp::header_name_bytes(name)?;
-        let value = HeaderValue::from_bytes(value).map_err(|_| "invalid header value".to_string())?;
-        let req = request::current().ok_or_else(|| request::outside_message("ngx.req.set_header"))?;
-        let mut r = req.try_borrow_mut().map_err(|_| "ngx.req.set_header: request busy".to_string())?;
-        // `insert` replaces every value the header had.
-        r.parts.headers.insert(name, value);
-        Ok(0)
-    })
+    resp::set_string_header(state, 1, "ngx.req.set_header", |r| &mut r.parts.headers)
 }
 
 /// get_headers' metatable: case-insensitive lookup with `_` as `-`, as OpenResty's.

@@ -369,14 +369,29 @@ unsafe extern "C-unwind" fn set_header(state: *mut ffi::lua_State) -> c_int {
     if !simple {
         return cfn::delegate(state);
     }
+    set_string_header(state, 2, "ngx.header", |r| &mut r.resp.headers)
+}
+
+/// Sets the header named by the string at stack slot `at` to the string at
+/// `at + 1`, replacing its values, in the header map `which` picks: the
+/// C-API setters of `ngx.header` and `ngx.req.set_header`.
+///
+/// # Safety
+/// A C function's `state`, both slots holding strings.
+pub(super) unsafe fn set_string_header(
+    state: *mut ffi::lua_State,
+    at: c_int,
+    api: &str,
+    which: impl FnOnce(&mut LuaRequest) -> &mut http::HeaderMap,
+) -> c_int {
     cfn::call(state, || {
-        let (Some(name), Some(value)) = (cfn::bytes(state, 2), cfn::bytes(state, 3)) else { return Ok(0) };
+        let (Some(name), Some(value)) = (cfn::bytes(state, at), cfn::bytes(state, at + 1)) else { return Ok(0) };
         let name = header_name_bytes(name)?;
         let value = HeaderValue::from_bytes(value).map_err(|_| "invalid header value".to_string())?;
-        let req = request::current().ok_or_else(|| request::outside_message("ngx.header"))?;
-        let mut r = req.try_borrow_mut().map_err(|_| "ngx.header: request busy".to_string())?;
+        let req = request::current().ok_or_else(|| request::outside_message(api))?;
+        let mut r = req.try_borrow_mut().map_err(|_| format!("{api}: request busy"))?;
         // `insert` replaces every value the header had.
-        r.resp.headers.insert(name, value);
+        which(&mut r).insert(name, value);
         Ok(0)
     })
 }

@@ -31,10 +31,10 @@ pub fn set(lua: &Lua, limit: usize) {
 /// [`lifted`] for a C function, on the state [`set`] was last given.
 pub fn lifted_c<R>(f: impl FnOnce() -> R) -> R {
     let lua = if LIMIT.with(|l| l.get()) == 0 { None } else { STATE.with(|s| s.borrow().as_ref()?.try_upgrade()) };
-    let Some(lua) = lua else { return f() };
-    let limit = lua.set_memory_limit(0).unwrap_or(0);
-    let _restore = Restore(&lua, limit);
-    f()
+    match lua {
+        Some(lua) => lift(&lua, f),
+        None => f(),
+    }
 }
 
 /// True when `len` bytes buffered for a script could never become a Lua
@@ -48,12 +48,13 @@ pub fn exceeds(len: usize) -> bool {
 /// Runs `f` with the memory ceiling lifted, and converts what it returns
 /// to Lua values before the ceiling comes back.
 pub fn lifted<R: IntoLuaMulti>(lua: &Lua, f: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<MultiValue> {
-    let limit = lua.set_memory_limit(0).unwrap_or(0);
-    if limit == 0 {
-        return f()?.into_lua_multi(lua);
-    }
-    let _restore = Restore(lua, limit);
-    f()?.into_lua_multi(lua)
+    lift(lua, || f()?.into_lua_multi(lua))
+}
+
+/// Runs `f` with `lua`'s ceiling at 0 (none), then puts it back.
+fn lift<R>(lua: &Lua, f: impl FnOnce() -> R) -> R {
+    let _restore = Restore(lua, lua.set_memory_limit(0).unwrap_or(0));
+    f()
 }
 
 /// Puts the ceiling back however the lifted section ends (a panic included).

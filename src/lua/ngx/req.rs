@@ -4,11 +4,11 @@
 //! top of `ngx.decode_args`/`ngx.encode_args` (see `ngx::PRELUDE`), so
 //! argument parsing has one implementation.
 
+use std::ffi::c_int;
+
 use bytes::Bytes;
 use http::Method;
 use http_body_util::BodyExt;
-use std::ffi::c_int;
-
 use mlua::{ffi, Lua, Table, Value};
 
 use super::cfn;

@@ -19,7 +19,9 @@ use crate::phase::body::UpstreamBody;
 use crate::server::LocalExec;
 
 pub enum Conn {
-    H1(http1::SendRequest<UpstreamBody>),
+    /// An HTTP/1.1 connection, and for how long it sat idle if it was kept
+    /// alive from an earlier request.
+    H1(http1::SendRequest<UpstreamBody>, Option<Duration>),
     H2(http2::SendRequest<UpstreamBody>),
 }
 
@@ -77,7 +79,7 @@ impl Pool {
                         tracing::debug!(%peer, error = %e, "upstream connection ended");
                     }
                 });
-                Ok(Conn::H1(sender))
+                Ok(Conn::H1(sender, None))
             }
             Protocol::H2c => {
                 let (sender, conn) = http2::Builder::new(LocalExec)
@@ -113,8 +115,9 @@ impl Pool {
             Protocol::Http1 => {
                 // Most recently used first: it is the least likely to have been closed by the peer.
                 while let Some((sender, since)) = pool.idle.pop_back() {
-                    if sender.is_ready() && since.elapsed() < keepalive.idle_timeout {
-                        return Some(Conn::H1(sender));
+                    let idle = since.elapsed();
+                    if sender.is_ready() && idle < keepalive.idle_timeout {
+                        return Some(Conn::H1(sender, Some(idle)));
                     }
                 }
                 None

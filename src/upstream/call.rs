@@ -3,17 +3,17 @@
 //! (connect failed, or a pooled connection was found closed before the
 //! request went out) the same request goes to the next peer, up to `tries`.
 //!
-//! A kept-alive connection the peer has just closed may be found out only
-//! once the request is on it ("connection closed before message
-//! completed"). As nginx does for its cached connections, that failure does
-//! not count as a try and does not rule the peer out: the request is sent
-//! again — the one hyper gives back, or, for an idempotent request with a
-//! replayable body on a connection idle for at least [`STALE_RISK`], a copy
-//! kept for that — once per call.
+//! When the peer closes or resets the connection under a request already
+//! sent, an idempotent request with a replayable body is sent again from a
+//! copy kept for that (as nginx's `proxy_next_upstream error`), to the next
+//! peer, counting a try. On a kept-alive connection that failure most likely
+//! means the peer closed it while idle, so, as nginx does for its cached
+//! connections, the first one per call counts no try and does not rule the
+//! peer out. The copy is kept only when a retry could follow.
 
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -96,9 +96,7 @@ pub async fn call(
         let result = match conn {
             Conn::H1(mut sender, idle) => {
                 reused = idle.is_some() && !stale_retried;
-                // A copy costs ~1.5k instructions; a connection busy a moment ago is one the
-                // peer is unlikely to have closed in between, so only idler ones get one.
-                if reused && idle >= Some(STALE_RISK) {
+                if reused || attempt < tries {
                     replay = replay_copy(&req);
                 }
                 let sending = sender.try_send_request(req);
@@ -125,20 +123,25 @@ pub async fn call(
                 return Ok(Answer { response, peer: peer.addr, in_flight, elapsed });
             }
             Ok(Err(mut e)) => {
-                // The connection closed before the request left (nothing reached the peer), or a
-                // kept-alive one closed under it (the peer had gone away before reading it).
-                let stale = reused && e.error().is_incomplete_message();
-                let back = e.take_message().or_else(|| replay.filter(|_| stale));
-                let Some(back) = back else {
-                    return Err(ProxyError::Upstream { peer: peer.addr, source: e.into_error() });
+                // Either the connection closed before the request left (hyper hands it back:
+                // nothing reached the peer), or the peer closed or reset it under the request,
+                // which only a kept copy can send again.
+                let back = match e.take_message() {
+                    Some(back) => back,
+                    None => match replay.filter(|_| closed_by_peer(e.error())) {
+                        Some(copy) => copy,
+                        None => return Err(ProxyError::Upstream { peer: peer.addr, source: e.into_error() }),
+                    },
                 };
-                tracing::debug!(peer = %peer.addr, error = %e.error(), "pooled connection was closed, retrying");
                 if reused {
+                    tracing::debug!(peer = %peer.addr, error = %e.error(), "kept-alive connection was closed, sending again");
                     stale_retried = true;
                     attempt -= 1;
                     if let Some(i) = picked {
                         tried.retain(|&t| t != i);
                     }
+                } else {
+                    tracing::warn!(upstream = %upstream.name, peer = %peer.addr, error = %e.error(), "peer failed, trying the next one");
                 }
                 req = back;
                 last_err = Some(ProxyError::Upstream { peer: peer.addr, source: e.into_error() });
@@ -148,10 +151,22 @@ pub async fn call(
     Err(last_err.unwrap_or(ProxyError::NoPeer { upstream: upstream.name.to_string() }))
 }
 
-/// How long a kept-alive connection sits idle before a request sent on it
-/// keeps a copy, in case the peer closed it meanwhile (a peer stopping, or
-/// its own keep-alive timeout).
-const STALE_RISK: Duration = Duration::from_millis(1);
+/// Whether `e` says the peer closed or reset the connection (as opposed to,
+/// say, a malformed response, which sending again would not mend).
+fn closed_by_peer(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        source = s.source();
+    }
+    false
+}
 
 /// A copy of `req` to send again if a kept-alive connection turns out closed:
 /// only for idempotent methods (RFC 9110 §9.2.2; nginx retries no others by
@@ -182,11 +197,20 @@ mod tests {
     use crate::upstream::balancer::{Balancer, Policy};
     use crate::upstream::{peer_stats, Keepalive, Protocol, Timeouts};
 
+    /// How the peer ends the kept-alive connection under the second request.
+    #[derive(Clone, Copy)]
+    enum Close {
+        /// FIN: hyper sees "connection closed before message completed".
+        Graceful,
+        /// RST (SO_LINGER 0): hyper sees "connection reset by peer".
+        Reset,
+    }
+
     /// One peer that answers the first request of its first connection, then
     /// closes that connection when the next request arrives on it without
     /// answering (a peer that went away under a kept-alive connection); later
     /// connections are answered. Returns its upstream and its request count.
-    async fn closing_peer() -> (Upstream, Arc<AtomicUsize>) {
+    async fn closing_peer(close: Close) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let answered = Arc::new(AtomicUsize::new(0));
@@ -202,6 +226,9 @@ mod tests {
                     let mut served = 0;
                     while let Ok(n) = s.read(&mut buf).await {
                         if n == 0 || (first_conn && served == 1) {
+                            if let Close::Reset = close {
+                                socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+                            }
                             return;
                         }
                         served += 1;
@@ -211,9 +238,33 @@ mod tests {
                 });
             }
         });
-        let peers = vec![Peer { addr, weight: 1, stats: peer_stats(addr) }];
-        let upstream = Upstream {
-            name: Arc::from("closing"),
+        (addr, answered)
+    }
+
+    /// A peer that reads each request and closes its connection unanswered.
+    async fn dropping_peer() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let read = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&read);
+        tokio::task::spawn_local(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                if let Ok(n) = s.read(&mut buf).await {
+                    if n > 0 {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        (addr, read)
+    }
+
+    /// Round robin over `addrs`, starting with the first.
+    fn upstream_of(addrs: &[SocketAddr]) -> Upstream {
+        let peers: Vec<Peer> = addrs.iter().map(|&addr| Peer { addr, weight: 1, stats: peer_stats(addr) }).collect();
+        Upstream {
+            name: Arc::from("test"),
             protocol: Protocol::Http1,
             balancer: Balancer::new(Policy::RoundRobin, &peers),
             peers,
@@ -224,8 +275,7 @@ mod tests {
                 send: Duration::from_secs(2),
                 read: Duration::from_secs(2),
             },
-        };
-        (upstream, answered)
+        }
     }
 
     fn request(method: Method) -> Request<UpstreamBody> {
@@ -237,13 +287,14 @@ mod tests {
     }
 
     /// Sends `second` after a first GET, on the connection the first left in the pool.
-    async fn second_on_stale_connection(second: Method) -> (Result<u16, String>, usize) {
-        let (upstream, answered) = closing_peer().await;
+    async fn second_on_stale_connection(second: Method, close: Close) -> (Result<u16, String>, usize) {
+        let (addr, answered) = closing_peer(close).await;
+        let upstream = upstream_of(&[addr]);
         let pool = Rc::new(Pool::default());
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let first = call(&pool, &upstream, request(Method::GET), ip, None, 1, None).await.unwrap();
         drop(first.response.into_body());
-        // Back in the pool once hyper has read the response; idle past STALE_RISK.
+        // Back in the pool once hyper has read the response.
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(pool.idle_count(upstream.peers[0].addr), 1);
         let second = call(&pool, &upstream, request(second), ip, None, 1, None).await;
@@ -254,19 +305,48 @@ mod tests {
     fn an_idempotent_request_on_a_connection_closed_under_it_is_sent_again_to_the_same_peer() {
         crate::lua::ngx::thread::testing::block_on(async {
             // tries = 1 and a single peer: the retry neither counts nor rules the peer out.
-            let (status, answered) = second_on_stale_connection(Method::GET).await;
-            assert_eq!(status, Ok(200));
-            assert_eq!(answered, 2);
+            for close in [Close::Graceful, Close::Reset] {
+                let (status, answered) = second_on_stale_connection(Method::GET, close).await;
+                assert_eq!(status, Ok(200));
+                assert_eq!(answered, 2);
+            }
         });
     }
 
     #[test]
     fn a_non_idempotent_request_is_not_sent_again() {
         crate::lua::ngx::thread::testing::block_on(async {
-            let (status, answered) = second_on_stale_connection(Method::POST).await;
+            let (status, answered) = second_on_stale_connection(Method::POST, Close::Graceful).await;
             let err = status.unwrap_err();
             assert!(err.contains("connection closed before message completed"), "{err}");
             assert_eq!(answered, 1);
+            let (status, answered) = second_on_stale_connection(Method::POST, Close::Reset).await;
+            assert!(status.is_err(), "{status:?}");
+            assert_eq!(answered, 1);
+        });
+    }
+
+    #[test]
+    fn an_idempotent_request_the_peer_dropped_goes_to_the_next_peer_as_a_counted_try() {
+        crate::lua::ngx::thread::testing::block_on(async {
+            let ip: IpAddr = "127.0.0.1".parse().unwrap();
+            let pool = Rc::new(Pool::default());
+            let (bad, dropped) = dropping_peer().await;
+            let (good, answered) = closing_peer(Close::Graceful).await;
+            let got = call(&pool, &upstream_of(&[bad, good]), request(Method::GET), ip, None, 2, None).await;
+            assert_eq!(got.map(|a| a.peer).map_err(|e| e.to_string()), Ok(good));
+            assert_eq!((dropped.load(Ordering::SeqCst), answered.load(Ordering::SeqCst)), (1, 1));
+
+            // tries = 1: no second try, and no copy kept for one.
+            let got = call(&pool, &upstream_of(&[bad, good]), request(Method::GET), ip, None, 1, None).await;
+            let err = got.map(|a| a.peer).unwrap_err().to_string();
+            assert!(err.contains(&bad.to_string()), "{err}");
+            assert_eq!(dropped.load(Ordering::SeqCst), 2);
+
+            // A POST may have taken effect: never sent twice.
+            let got = call(&pool, &upstream_of(&[bad, good]), request(Method::POST), ip, None, 2, None).await;
+            assert!(got.is_err());
+            assert_eq!((dropped.load(Ordering::SeqCst), answered.load(Ordering::SeqCst)), (3, 1));
         });
     }
 }

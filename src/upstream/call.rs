@@ -9,11 +9,12 @@
 //! peer, counting a try. On a kept-alive connection that failure most likely
 //! means the peer closed it while idle, so, as nginx does for its cached
 //! connections, the first one per call counts no try and does not rule the
-//! peer out. The copy is kept only when a retry could follow.
+//! peer out. The copy is kept only when a retry could follow: another peer
+//! is left to try, or the connection sat idle for at least [`STALE_RISK`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -96,7 +97,11 @@ pub async fn call(
         let result = match conn {
             Conn::H1(mut sender, idle) => {
                 reused = idle.is_some() && !stale_retried;
-                if reused || attempt < tries {
+                // A copy costs ~1.8k instructions, so it is kept only where a retry could use
+                // it: another peer left to try, or a connection idle long enough that the peer
+                // may have closed it meanwhile (one busy a moment ago is unlikely to be).
+                let next_peer = attempt < tries && (lua.is_some() || tried.len() < upstream.peers.len());
+                if next_peer || (reused && idle >= Some(STALE_RISK)) {
                     replay = replay_copy(&req);
                 }
                 let sending = sender.try_send_request(req);
@@ -150,6 +155,11 @@ pub async fn call(
     }
     Err(last_err.unwrap_or(ProxyError::NoPeer { upstream: upstream.name.to_string() }))
 }
+
+/// How long a kept-alive connection sits idle before a request sent on it
+/// keeps a copy for a free retry, in case the peer closed it meanwhile (a
+/// peer stopping, or its own keep-alive timeout).
+const STALE_RISK: Duration = Duration::from_millis(1);
 
 /// Whether `e` says the peer closed or reset the connection (as opposed to,
 /// say, a malformed response, which sending again would not mend).

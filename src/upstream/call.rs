@@ -178,8 +178,8 @@ fn closed_by_peer(e: &hyper::Error) -> bool {
     false
 }
 
-/// A copy of `req` to send again if a kept-alive connection turns out closed:
-/// only for idempotent methods (RFC 9110 §9.2.2; nginx retries no others by
+/// A copy of `req` to send again if the peer closes or resets the connection
+/// under it: only for idempotent methods (RFC 9110 §9.2.2; nginx retries no others by
 /// default) with a body that can be replayed.
 fn replay_copy(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
     if !req.method().is_idempotent() {
@@ -197,7 +197,6 @@ fn replay_copy(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::time::Duration;
 
     use http::Method;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -219,7 +218,7 @@ mod tests {
     /// One peer that answers the first request of its first connection, then
     /// closes that connection when the next request arrives on it without
     /// answering (a peer that went away under a kept-alive connection); later
-    /// connections are answered. Returns its upstream and its request count.
+    /// connections are answered. Returns its address and its answered-request count.
     async fn closing_peer(close: Close) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

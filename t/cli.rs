@@ -1,6 +1,8 @@
 //! Whole-process tests the data-driven cases cannot express: the command
-//! line (`--version`, `reload` through the pid file) and a gRPC client
-//! cancelling a stream, which must reset the upstream stream too.
+//! line (`--version`, `reload` through the pid file), a gRPC client
+//! cancelling a stream, which must reset the upstream stream too, and a
+//! client going away while a Lua phase waits, which must end the script at
+//! once.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -160,4 +162,53 @@ async fn client_cancel_resets_the_upstream_stream() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(backend.stats().grpc_completed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_ends_a_waiting_script_at_once() {
+    let d = dir("abort");
+    std::fs::create_dir_all(d.join("lua")).expect("lua dir");
+    std::fs::write(d.join("lua/sema.lua"), "return require('ngx.semaphore').new(0)\n").expect("module");
+    let port = free_port();
+    let config = format!(
+        "workers: 1\naccess_log: {{ path: off }}\nlisten: [ {{ addr: \"127.0.0.1:{port}\" }} ]\n\
+         lua: {{ package_path: \"{}/lua/?.lua\" }}\n\
+         routes:\n\
+         \x20 - {{ match: {{ path: /wait }}, lua: {{ content: \"require('sema'):wait(30) ngx.log(ngx.ERR, 'went on')\" }} }}\n\
+         \x20 - {{ match: {{ path: /count }}, lua: {{ content: \"ngx.print(require('sema'):count())\" }} }}\n",
+        d.display()
+    );
+    let lg = Luagate::start(&d, &config, port);
+    let h2: Client<HttpConnector, http_body_util::Empty<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new());
+    let count = || async {
+        let resp = get_count(port).await;
+        resp.trim().parse::<i64>().unwrap_or_else(|_| panic!("a count: {resp:?}"))
+    };
+    let uri: http::Uri = format!("http://127.0.0.1:{port}/wait").parse().expect("uri");
+    let waiting = tokio::spawn(async move { h2.get(uri).await });
+    let until = Instant::now() + Duration::from_secs(5);
+    while count().await != -1 {
+        assert!(Instant::now() < until, "the script never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Dropping the request resets its HTTP/2 stream: the script must leave the semaphore's queue now, not at some GC.
+    waiting.abort();
+    let until = Instant::now() + Duration::from_secs(3);
+    while count().await != 0 {
+        assert!(Instant::now() < until, "the aborted script still waits on the semaphore");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!lg.log().contains("went on"), "{}", lg.log());
+}
+
+/// GET /count over HTTP/1.1: the body.
+async fn get_count(port: u16) -> String {
+    use http_body_util::BodyExt;
+    let client: Client<HttpConnector, http_body_util::Empty<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let uri: http::Uri = format!("http://127.0.0.1:{port}/count").parse().expect("uri");
+    let resp = client.get(uri).await.expect("GET /count");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
 }

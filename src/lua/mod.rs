@@ -11,6 +11,7 @@
 pub mod budget;
 pub mod ceiling;
 pub mod compile;
+pub mod coroutine;
 pub mod ngx;
 pub mod request;
 pub mod runtime;

@@ -227,10 +227,28 @@ impl<F: Future> Future for Scoped<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let previous = CURRENT.with(|c| c.replace(this.req.clone()));
-        let _slice = budget::Slice::start();
-        let out = this.inner.poll(cx);
+        let _published = Published::new(this.req.clone());
+        this.inner.poll(cx)
+    }
+}
+
+/// While alive: `req` is the current request and the budget clock runs (a
+/// phase's run, or one poll of it).
+pub struct Published {
+    previous: Option<Shared>,
+    _slice: budget::Slice,
+}
+
+impl Published {
+    pub fn new(req: Option<Shared>) -> Self {
+        let previous = CURRENT.with(|c| c.replace(req));
+        Self { previous, _slice: budget::Slice::start() }
+    }
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
         CURRENT.with(|c| *c.borrow_mut() = previous);
-        out
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! One state per worker thread, created on first use. Scripts compile into
 //! functions once per worker and stay cached by script id (a reload
-//! recompiles only changed scripts). Each phase call runs as a coroutine
-//! (`call_async`), wrapped in [`Scoped`] so callbacks find their request and
-//! the budget clock runs only while Lua does.
+//! recompiles only changed scripts). Each phase call runs as a coroutine,
+//! resumed directly until it first waits (`coroutine`), with its request
+//! published so callbacks find it and the budget clock running only while
+//! Lua does.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use mlua::{Function, Lua, LuaOptions, StdLib, Table, Value};
 
 use super::compile::lua_message;
+use super::coroutine::{self, Coroutines};
 use super::request::{InPhase, Shared};
 use super::{budget, ngx, Phase, Script, Settings};
 
@@ -34,7 +36,8 @@ pub struct Runtime {
     /// init_worker of the current generation has finished (requests wait for it).
     init_done: Rc<Cell<bool>>,
     init_notify: Rc<tokio::sync::Notify>,
-    functions: RefCell<HashMap<u64, Function, BuildHasherDefault<IdHasher>>>,
+    functions: RefCell<HashMap<u64, Compiled, BuildHasherDefault<IdHasher>>>,
+    coroutines: Coroutines,
     generation: Cell<u64>,
     /// Keeps alive the coroutine whose `lua_State` the budget watchdog hooks.
     _anchor: mlua::Thread,
@@ -101,7 +104,8 @@ impl Runtime {
         // cost more than the call itself.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().thread_pool_size(256))?;
         sandbox(&lua, settings)?;
-        let fatal = lua.create_function(|_, _err: Value| Ok(budget::tripped() || ngx::resp::exiting()))?;
+        let fatal = lua
+            .create_function(|_, _err: Value| Ok(budget::tripped() || ngx::resp::exiting() || coroutine::aborting()))?;
         let message = lua.create_function(|lua, err: Value| match err {
             Value::Error(e) => Ok(Value::String(lua.create_string(lua_message(&e))?)),
             other => Ok(other),
@@ -123,11 +127,13 @@ impl Runtime {
         // as long as the worker thread that registers it.
         unsafe { budget::register(anchor.state(), settings.time_budget) };
         super::ceiling::set(&lua, settings.memory_limit);
+        let coroutines = Coroutines::new(&lua)?;
         Ok(Self {
             lua,
             init_done: Rc::new(Cell::new(true)),
             init_notify: Rc::new(tokio::sync::Notify::new()),
             functions: RefCell::new(HashMap::default()),
+            coroutines,
             generation: Cell::new(0),
             _anchor: anchor,
         })
@@ -159,6 +165,7 @@ impl Runtime {
         super::ceiling::set(&self.lua, settings.memory_limit);
         if self.functions.borrow().len() > 4096 {
             self.functions.borrow_mut().clear();
+            self.lua.expire_registry_values();
         }
         if let Some(init) = settings.init_worker.clone() {
             let rt = self.function(&init);
@@ -195,12 +202,19 @@ impl Runtime {
 
     /// The compiled function of `script` (cached per worker).
     pub fn function(&self, script: &Script) -> mlua::Result<Function> {
-        if let Some(f) = self.functions.borrow().get(&script.id) {
-            return Ok(f.clone());
+        self.compiled(script, |c| c.function.clone())
+    }
+
+    fn compiled<R>(&self, script: &Script, f: impl FnOnce(&Compiled) -> R) -> mlua::Result<R> {
+        if let Some(c) = self.functions.borrow().get(&script.id) {
+            return Ok(f(c));
         }
-        let f = self.lua.load(&script.source[..]).set_name(format!("@{}", script.name)).into_function()?;
-        self.functions.borrow_mut().insert(script.id, f.clone());
-        Ok(f)
+        let function = self.lua.load(&script.source[..]).set_name(format!("@{}", script.name)).into_function()?;
+        let key = self.lua.create_registry_value(function.clone())?;
+        let c = Compiled { function, key };
+        let out = f(&c);
+        self.functions.borrow_mut().insert(script.id, c);
+        Ok(out)
     }
 
     /// Run `script` as `phase` of `req` to its end.
@@ -210,11 +224,12 @@ impl Runtime {
             r.phase = phase;
             r.exit = None;
         }
-        let f = match self.function(script) {
-            Ok(f) => f,
+        let key = match self.compiled(script, |c| c.key.id()) {
+            Ok(k) => k,
             Err(e) => return self.failed(phase, script, &e),
         };
-        let result = ngx::thread::scope(Some(Rc::clone(req)), f.call_async::<()>(())).await;
+        let start = || self.coroutines.start(&self.lua, key);
+        let result = ngx::thread::scope_direct(Some(Rc::clone(req)), start).await;
         let exit = req.borrow().exit;
         match result {
             Ok(()) => match exit {
@@ -250,6 +265,13 @@ impl Runtime {
         tracing::error!(target: "lua", phase = phase.name(), "lua error: {msg}");
         Outcome::Error(msg)
     }
+}
+
+/// A script compiled on this worker: the function, and its registry
+/// reference for direct resumes.
+struct Compiled {
+    function: Function,
+    key: mlua::RegistryKey,
 }
 
 /// Script ids are already hashes (of name and source): the function cache

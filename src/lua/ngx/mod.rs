@@ -299,7 +299,7 @@ fn misc(lua: &Lua, ngx: &Table, settings: &Settings) -> mlua::Result<()> {
     )?;
     ngx.set(
         "sleep",
-        lua.create_async_function(|_, secs: f64| async move {
+        crate::lua::coroutine::async_function(lua, |_, secs: f64| async move {
             if secs.is_nan() || secs < 0.0 || !secs.is_finite() {
                 return Err(mlua::Error::RuntimeError("bad argument #1 to 'sleep' (invalid sleep duration)".into()));
             }

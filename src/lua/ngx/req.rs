@@ -112,7 +112,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     req.set("is_internal", lua.create_function(|_, ()| request::with("ngx.req.is_internal", |_| false))?)?;
     req.set(
         "read_body",
-        lua.create_async_function(|_, ()| async move {
+        crate::lua::coroutine::async_function(lua, |_, ()| async move {
             let (incoming, limit) = request::with("ngx.req.read_body", |r| (r.incoming.take(), r.body_limit))?;
             let Some(incoming) = incoming else { return Ok(()) };
             let collected = if limit > 0 {

@@ -225,7 +225,10 @@ fn output(args: MultiValue, newline: bool, api: &str) -> mlua::Result<(Option<i6
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.set("say", lua.create_function(|_, args: MultiValue| output(args, true, "ngx.say"))?)?;
     ngx.set("print", lua.create_function(|_, args: MultiValue| output(args, false, "ngx.print"))?)?;
-    ngx.set("flush", lua.create_async_function(|_, wait: Option<bool>| flush(wait.unwrap_or(false)))?)?;
+    ngx.set(
+        "flush",
+        crate::lua::coroutine::async_function(lua, |_, wait: Option<bool>| flush(wait.unwrap_or(false)))?,
+    )?;
     ngx.set(
         "send_headers",
         lua.create_function(|_, ()| {

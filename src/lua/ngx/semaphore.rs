@@ -152,7 +152,7 @@ pub fn register(lua: &Lua, _ngx: &Table) -> mlua::Result<()> {
         sema.resources.set(n as i64);
         Ok(Handle(Rc::new(sema)))
     })?;
-    let wait = lua.create_async_function(|lua, (sem, ms): (Value, f64)| {
+    let wait = crate::lua::coroutine::async_function(lua, |lua, (sem, ms): (Value, f64)| {
         let sema = handle(&sem);
         async move { wait(&lua, sema?, ms).await }
     })?;

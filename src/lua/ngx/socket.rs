@@ -126,7 +126,7 @@ where
     F: Fn(Lua, MultiValue) -> Fut + 'static,
     Fut: Future<Output = Ret> + 'static,
 {
-    let f = lua.create_async_function(move |lua, args: MultiValue| {
+    let f = crate::lua::coroutine::async_function(lua, move |lua, args: MultiValue| {
         let fut = f(lua.clone(), args);
         async move { raising(&lua, fut.await) }
     })?;

@@ -37,7 +37,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use mlua::{Function, Lua, MultiValue, Table, Thread, Value};
 
 use crate::lua::budget;
-use crate::lua::request::{self, Scoped, Shared};
+use crate::lua::coroutine::Start;
+use crate::lua::request::{self, Published, Scoped, Shared};
 
 type LocalFuture = Pin<Box<dyn Future<Output = mlua::Result<()>>>>;
 
@@ -75,7 +76,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
         let trampoline = tramp.borrow().clone().ok_or_else(|| mlua::Error::runtime("ngx.thread not ready"))?;
         spawn(lua, &trampoline, &parent, f, args)
     })?;
-    let wait = lua.create_async_function(|lua, (parent, threads): (Value, MultiValue)| {
+    let wait = crate::lua::coroutine::async_function(lua, |lua, (parent, threads): (Value, MultiValue)| {
         let prepared = prepare_wait(&parent, threads);
         async move {
             match prepared? {
@@ -111,7 +112,31 @@ where
     let group = Rc::new(Group::new(false));
     let _abort = AbortOnDrop(Rc::clone(&group));
     let out = Scoped::new(req, InGroup { group: Rc::clone(&group), entry: true, inner: entry }).await;
-    if out.is_ok() {
+    settle(&group, out).await
+}
+
+/// [`scope`] for a phase script: its first run (`start`, a direct resume)
+/// happens here, with the request and the group published; only a script
+/// that waits goes on as a future.
+pub async fn scope_direct(req: Option<Shared>, start: impl FnOnce() -> Start) -> mlua::Result<()> {
+    let group = Rc::new(Group::new(false));
+    let _abort = AbortOnDrop(Rc::clone(&group));
+    let first = {
+        let _published = Published::new(req.clone());
+        let _group = GroupPublished::new(Rc::clone(&group));
+        start()
+    };
+    let out = match first {
+        Start::Done(out) => out,
+        Start::Waiting(rest) => Scoped::new(req, InGroup { group: Rc::clone(&group), entry: true, inner: rest }).await,
+    };
+    settle(&group, out).await
+}
+
+/// A handler's entry thread ended with `out`: unless it failed, wait for its
+/// light threads (or for one of them to call `ngx.exit`).
+async fn settle(group: &Group, out: mlua::Result<()>) -> mlua::Result<()> {
+    if out.is_ok() && group.running.get() != 0 {
         std::future::poll_fn(|cx| {
             if group.running.get() == 0 || group.exited.get() {
                 return Poll::Ready(());
@@ -366,10 +391,24 @@ impl<F: Future<Output = mlua::Result<()>>> Future for InGroup<F> {
             }
             set_waker(&this.group.entry_waker, cx.waker());
         }
-        let previous = CURRENT.with(|c| c.replace(Some(Rc::clone(this.group))));
-        let out = this.inner.poll(cx);
+        let _published = GroupPublished::new(Rc::clone(this.group));
+        this.inner.poll(cx)
+    }
+}
+
+/// While alive: `group` is the group light threads spawned now join.
+struct GroupPublished(Option<Rc<Group>>);
+
+impl GroupPublished {
+    fn new(group: Rc<Group>) -> Self {
+        Self(CURRENT.with(|c| c.replace(Some(group))))
+    }
+}
+
+impl Drop for GroupPublished {
+    fn drop(&mut self) {
+        let previous = self.0.take();
         CURRENT.with(|c| *c.borrow_mut() = previous);
-        out
     }
 }
 

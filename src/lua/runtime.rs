@@ -9,7 +9,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -19,6 +21,12 @@ use super::compile::lua_message;
 use super::coroutine::{self, Coroutines};
 use super::request::{InPhase, Shared};
 use super::{budget, ngx, Phase, Script, Settings};
+
+/// A phase once started: over, or the rest of its run (it waits).
+pub enum Begun {
+    Over(Outcome),
+    Running(Pin<Box<dyn Future<Output = Outcome>>>),
+}
 
 /// How a phase ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,18 +226,39 @@ impl Runtime {
     }
 
     /// Run `script` as `phase` of `req` to its end.
-    pub async fn run(&self, phase: Phase, script: &Arc<Script>, req: &Shared) -> Outcome {
+    pub async fn run(self: &Rc<Self>, phase: Phase, script: &Arc<Script>, req: &Shared) -> Outcome {
+        match Self::begin(self, phase, script, req) {
+            Begun::Over(outcome) => outcome,
+            Begun::Running(rest) => rest.await,
+        }
+    }
+
+    /// Start `script` as `phase` of `req`: a script that does not wait is
+    /// over when this returns, with no future made for it.
+    pub fn begin(rt: &Rc<Self>, phase: Phase, script: &Arc<Script>, req: &Shared) -> Begun {
         {
             let mut r = req.borrow_mut();
             r.phase = phase;
             r.exit = None;
         }
-        let key = match self.compiled(script, |c| c.key.id()) {
+        let key = match rt.compiled(script, |c| c.key.id()) {
             Ok(k) => k,
-            Err(e) => return self.failed(phase, script, &e),
+            Err(e) => return Begun::Over(rt.failed(phase, script, &e)),
         };
-        let start = || self.coroutines.start(&self.lua, key);
-        let result = ngx::thread::scope_direct(Some(Rc::clone(req)), start).await;
+        match ngx::thread::scope_begin(Some(Rc::clone(req)), || rt.coroutines.start(&rt.lua, key)) {
+            Ok(result) => Begun::Over(rt.outcome(phase, script, req, result)),
+            Err(rest) => {
+                let (rt, script, req) = (Rc::clone(rt), Arc::clone(script), Rc::clone(req));
+                Begun::Running(Box::pin(async move {
+                    let result = rest.await;
+                    rt.outcome(phase, &script, &req, result)
+                }))
+            }
+        }
+    }
+
+    /// What a phase's run ending with `result` means for the request.
+    fn outcome(&self, phase: Phase, script: &Script, req: &Shared, result: mlua::Result<()>) -> Outcome {
         let exit = req.borrow().exit;
         match result {
             Ok(()) => match exit {

@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 use crate::error::BoxError;
 use crate::lua::ngx::resp::Chunk;
 use crate::lua::request::Shared;
+use crate::lua::runtime::Begun;
 use crate::lua::{Outcome, Phase, Runtime, Script};
 use crate::observe::access_log::LogRecord;
 use crate::protocol::grpc::{self, Code};
@@ -162,7 +163,7 @@ pub struct ResponseBody {
     _in_flight: Option<InFlight>,
 }
 
-type PhaseFuture = Pin<Box<dyn Future<Output = Outcome>>>;
+pub type PhaseFuture = Pin<Box<dyn Future<Output = Outcome>>>;
 
 /// `fut` (a phase of `req`) with `req.phase` set to `phase` whenever it is
 /// polled: a phase may run while another of the same request waits (a
@@ -185,6 +186,8 @@ pub struct LuaTail {
     pub body_filter: Option<Arc<Script>>,
     pub log: Option<Arc<Script>>,
     running: Option<PhaseFuture>,
+    /// A body_filter run that ended without waiting.
+    filtered: Option<Outcome>,
     /// The filter has seen eof: nothing more to filter.
     filtered_eof: bool,
     held_trailers: Option<HeaderMap>,
@@ -192,7 +195,7 @@ pub struct LuaTail {
 
 impl LuaTail {
     pub fn new(runtime: Rc<Runtime>, req: Shared, body_filter: Option<Arc<Script>>, log: Option<Arc<Script>>) -> Self {
-        Self { runtime, req, body_filter, log, running: None, filtered_eof: false, held_trailers: None }
+        Self { runtime, req, body_filter, log, running: None, filtered: None, filtered_eof: false, held_trailers: None }
     }
 
     fn start_filter(&mut self, chunk: Bytes, eof: bool) {
@@ -202,9 +205,12 @@ impl LuaTail {
             r.chunk = Some(chunk);
             r.chunk_eof = eof;
         }
-        let (rt, req) = (Rc::clone(&self.runtime), Rc::clone(&self.req));
-        let run = async move { rt.run(Phase::BodyFilter, &script, &req).await };
-        self.running = Some(Box::pin(as_phase(Rc::clone(&self.req), Phase::BodyFilter, run)));
+        match Runtime::begin(&self.runtime, Phase::BodyFilter, &script, &self.req) {
+            Begun::Over(outcome) => self.filtered = Some(outcome),
+            Begun::Running(run) => {
+                self.running = Some(Box::pin(as_phase(Rc::clone(&self.req), Phase::BodyFilter, run)));
+            }
+        }
     }
 }
 
@@ -366,9 +372,16 @@ impl ResponseBody {
             let Some(tail) = self.lua.as_mut().filter(|t| t.body_filter.is_some()) else {
                 return self.poll_source(cx);
             };
-            if let Some(running) = &mut tail.running {
-                let outcome = ready!(running.as_mut().poll(cx));
-                tail.running = None;
+            let outcome = match (tail.filtered.take(), &mut tail.running) {
+                (Some(outcome), _) => Some(outcome),
+                (None, Some(running)) => {
+                    let outcome = ready!(running.as_mut().poll(cx));
+                    tail.running = None;
+                    Some(outcome)
+                }
+                (None, None) => None,
+            };
+            if let Some(outcome) = outcome {
                 if let Outcome::Error(msg) = outcome {
                     if let Some(log) = &mut self.log {
                         log.error = Some(msg);

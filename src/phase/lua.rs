@@ -10,9 +10,7 @@
 //! phase runs on in its own task, writing the body as it goes.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -21,7 +19,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::body::{as_phase, LuaTail, ResponseBody};
+use super::body::{as_phase, LuaTail, PhaseFuture, ResponseBody};
 use super::pipeline::ConnInfo;
 use super::respond;
 use crate::config::snapshot::Route;
@@ -29,6 +27,7 @@ use crate::config::Snapshot;
 use crate::error::ProxyError;
 use crate::lua::ngx::resp;
 use crate::lua::request::{LuaRequest, Shared};
+use crate::lua::runtime::Begun;
 use crate::lua::{runtime, Outcome, Phase, RouteLua, Runtime, Script};
 use crate::observe::access_log::LogRecord;
 use crate::protocol::grpc;
@@ -122,39 +121,44 @@ impl LuaCtx {
     /// built at once and the phase, if not over, goes on in its own task.
     async fn answering(&self, phase: Phase, script: &Arc<Script>, log: &mut Option<LogRecord>) -> Ran {
         self.req.borrow_mut().resp.stream = Some(resp::Stream::default());
-        let (rt, req, script) = (Rc::clone(&self.runtime), Rc::clone(&self.req), Arc::clone(script));
-        let run = async move { rt.run(phase, &script, &req).await };
-        let mut fut: Pin<Box<dyn Future<Output = Outcome>>> = Box::pin(as_phase(Rc::clone(&self.req), phase, run));
-        let ended = std::future::poll_fn(|cx| {
-            if let Poll::Ready(outcome) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(outcome));
+        let mut rest = None;
+        let ended = match Runtime::begin(&self.runtime, phase, script, &self.req) {
+            Begun::Over(outcome) => Some(outcome),
+            Begun::Running(run) => {
+                let fut: &mut PhaseFuture = rest.insert(Box::pin(as_phase(Rc::clone(&self.req), phase, run)));
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(outcome) = fut.as_mut().poll(cx) {
+                        return Poll::Ready(Some(outcome));
+                    }
+                    let mut r = self.req.borrow_mut();
+                    if r.resp.headers_sent {
+                        return Poll::Ready(None);
+                    }
+                    if let Some(stream) = &mut r.resp.stream {
+                        stream.set_waker(cx.waker());
+                    }
+                    Poll::Pending
+                })
+                .await
             }
-            let mut r = self.req.borrow_mut();
-            if r.resp.headers_sent {
-                return Poll::Ready(None);
-            }
-            if let Some(stream) = &mut r.resp.stream {
-                stream.set_waker(cx.waker());
-            }
-            Poll::Pending
-        })
-        .await;
+        };
         if !self.req.borrow().resp.headers_sent {
             self.req.borrow_mut().resp.stream = None;
             return Ran::Done(ended.unwrap_or(Outcome::Continue));
         }
         let resp = self.head_response(log.take());
-        let Some(outcome) = ended else {
-            let req = Rc::clone(&self.req);
-            let task = tokio::task::spawn_local(async move {
-                let outcome = fut.await;
-                end_stream(&req, outcome);
-            });
-            let (head, body) = resp.into_parts();
-            return Ran::Answered(Box::new(Response::from_parts(head, body.written_by(task))));
+        let (None, Some(fut)) = (&ended, rest) else {
+            end_stream(&self.req, ended.unwrap_or(Outcome::Continue));
+            return Ran::Answered(Box::new(resp));
         };
-        end_stream(&self.req, outcome);
-        Ran::Answered(Box::new(resp))
+        // The head went out while the phase runs on: it goes on in its own task.
+        let req = Rc::clone(&self.req);
+        let task = tokio::task::spawn_local(async move {
+            let outcome = fut.await;
+            end_stream(&req, outcome);
+        });
+        let (head, body) = resp.into_parts();
+        Ran::Answered(Box::new(Response::from_parts(head, body.written_by(task))))
     }
 
     /// The response once the head went out: the body streams from the
@@ -280,8 +284,10 @@ impl LuaCtx {
         if let Some(script) = &self.scripts.header_filter {
             // A phase that answered may still run: its ngx.exit state is its own.
             let exit = self.req.borrow().exit;
-            let run = self.runtime.run(Phase::HeaderFilter, script, &self.req);
-            let outcome = as_phase(Rc::clone(&self.req), Phase::HeaderFilter, run).await;
+            let outcome = match Runtime::begin(&self.runtime, Phase::HeaderFilter, script, &self.req) {
+                Begun::Over(outcome) => outcome,
+                Begun::Running(run) => as_phase(Rc::clone(&self.req), Phase::HeaderFilter, run).await,
+            };
             if self.req.borrow().resp.headers_sent {
                 self.req.borrow_mut().exit = exit;
             }

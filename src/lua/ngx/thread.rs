@@ -40,7 +40,7 @@ use crate::lua::budget;
 use crate::lua::coroutine::Start;
 use crate::lua::request::{self, Published, Scoped, Shared};
 
-type LocalFuture = Pin<Box<dyn Future<Output = mlua::Result<()>>>>;
+pub type LocalFuture = Pin<Box<dyn Future<Output = mlua::Result<()>>>>;
 
 /// Lua side: the trampoline every light thread runs, and the `ngx.thread`
 /// functions, which pass the calling coroutine (the would-be parent) along.
@@ -115,22 +115,31 @@ where
     settle(&group, out).await
 }
 
-/// [`scope`] for a phase script: its first run (`start`, a direct resume)
-/// happens here, with the request and the group published; only a script
-/// that waits goes on as a future.
-pub async fn scope_direct(req: Option<Shared>, start: impl FnOnce() -> Start) -> mlua::Result<()> {
+/// [`scope`] for a phase script, started here: its first run (`start`, a
+/// direct resume) happens now, with the request and the group published.
+/// A script that ends without waiting, and leaves no light thread running,
+/// is over (`Ok`); otherwise the rest is a future.
+pub fn scope_begin(req: Option<Shared>, start: impl FnOnce() -> Start) -> Result<mlua::Result<()>, LocalFuture> {
     let group = Rc::new(Group::new(false));
-    let _abort = AbortOnDrop(Rc::clone(&group));
+    let abort = AbortOnDrop(Rc::clone(&group));
     let first = {
         let _published = Published::new(req.clone());
         let _group = GroupPublished::new(Rc::clone(&group));
         start()
     };
-    let out = match first {
-        Start::Done(out) => out,
-        Start::Waiting(rest) => Scoped::new(req, InGroup { group: Rc::clone(&group), entry: true, inner: rest }).await,
-    };
-    settle(&group, out).await
+    match first {
+        Start::Done(out) if out.is_err() || group.running.get() == 0 => Ok(out),
+        first => Err(Box::pin(async move {
+            let _abort = abort;
+            let out = match first {
+                Start::Done(out) => out,
+                Start::Waiting(rest) => {
+                    Scoped::new(req, InGroup { group: Rc::clone(&group), entry: true, inner: rest }).await
+                }
+            };
+            settle(&group, out).await
+        })),
+    }
 }
 
 /// A handler's entry thread ended with `out`: unless it failed, wait for its

@@ -1,12 +1,14 @@
 //! Stopping runaway scripts without slowing the others.
 //!
 //! A script may run at most `lua.time_budget` without yielding. Each worker
-//! publishes when its current Lua slice started (one atomic store per poll);
-//! a watchdog thread, ticking every 10 ms, installs a count hook on a
-//! worker's Lua state only once that worker's slice has overrun. LuaJIT is
+//! publishes the number of the Lua slice it is running (one atomic store
+//! when a slice starts, one when it ends; no clock read); a watchdog thread,
+//! ticking every 10 ms, times each slice number it sees and installs a count
+//! hook on a worker's Lua state only once the same slice has run for the
+//! budget. LuaJIT is
 //! built with `LUAJIT_ENABLE_CHECKHOOK` (see `.cargo/config.toml`), so the
 //! hook also fires inside JIT-compiled traces: `while true do end` is
-//! stopped too. Steady-state cost: two relaxed atomic stores per poll; no
+//! stopped too. Steady-state cost: two relaxed atomic stores per slice; no
 //! hook runs while scripts behave. The hook raises an error the phase
 //! reports as "time budget exceeded"; `pcall` cannot swallow it (see
 //! `runtime`'s prelude).
@@ -14,7 +16,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlua::ffi;
 
@@ -22,11 +24,14 @@ use mlua::ffi;
 pub const EXCEEDED: &str = "luagate: script time budget exceeded";
 
 struct Clock {
-    /// Milliseconds (since `base()`) when the running slice started; 0 = no Lua running.
-    slice_start: AtomicU64,
+    /// The running slice's number; 0 = no Lua running.
+    running: AtomicU64,
     budget_ms: AtomicU64,
     state: AtomicUsize,
-    /// The slice start the watchdog already hooked, to hook once per slice.
+    /// The slice the watchdog first saw running, and its tick then.
+    seen: AtomicU64,
+    seen_tick: AtomicU64,
+    /// The slice the watchdog hooked, to hook once per slice.
     hooked: AtomicU64,
 }
 
@@ -36,16 +41,12 @@ thread_local! {
     static CLOCK: std::cell::RefCell<Option<Arc<Clock>>> = const { std::cell::RefCell::new(None) };
     static DEPTH: Cell<u32> = const { Cell::new(0) };
     static TRIPPED: Cell<bool> = const { Cell::new(false) };
+    /// Slices started on this worker (numbers them).
+    static SLICES: Cell<u64> = const { Cell::new(0) };
 }
 
-fn base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    base().elapsed().as_millis() as u64 + 1
-}
+/// How often the watchdog looks.
+const TICK: Duration = Duration::from_millis(10);
 
 /// Register the calling worker thread's Lua state with the watchdog.
 ///
@@ -53,7 +54,9 @@ fn now_ms() -> u64 {
 /// `state` must be a `lua_State` of the worker's Lua instance, alive as long as the worker.
 pub unsafe fn register(state: *mut ffi::lua_State, budget: Duration) {
     let clock = Arc::new(Clock {
-        slice_start: AtomicU64::new(0),
+        running: AtomicU64::new(0),
+        seen: AtomicU64::new(0),
+        seen_tick: AtomicU64::new(0),
         budget_ms: AtomicU64::new(budget.as_millis().max(1) as u64),
         state: AtomicUsize::new(state as usize),
         hooked: AtomicU64::new(0),
@@ -94,7 +97,11 @@ impl Slice {
         if outermost {
             CLOCK.with(|c| {
                 if let Some(c) = &*c.borrow() {
-                    c.slice_start.store(now_ms(), Ordering::Relaxed);
+                    let n = SLICES.with(|n| {
+                        n.set(n.get() + 1);
+                        n.get()
+                    });
+                    c.running.store(n, Ordering::Relaxed);
                 }
             });
         }
@@ -108,7 +115,7 @@ impl Drop for Slice {
         if self.0 {
             CLOCK.with(|c| {
                 if let Some(c) = &*c.borrow() {
-                    c.slice_start.store(0, Ordering::Relaxed);
+                    c.running.store(0, Ordering::Relaxed);
                 }
             });
         }
@@ -118,22 +125,32 @@ impl Drop for Slice {
 fn start_watchdog() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
-        let _ = std::thread::Builder::new().name("luagate-lua-watchdog".into()).spawn(|| loop {
-            std::thread::sleep(Duration::from_millis(10));
-            let now = now_ms();
-            for c in CLOCKS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                let start = c.slice_start.load(Ordering::Relaxed);
-                if start == 0 || now.saturating_sub(start) <= c.budget_ms.load(Ordering::Relaxed) {
-                    continue;
+        let _ = std::thread::Builder::new().name("luagate-lua-watchdog".into()).spawn(|| {
+            let mut tick: u64 = 0;
+            loop {
+                std::thread::sleep(TICK);
+                tick += 1;
+                for c in CLOCKS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    let running = c.running.load(Ordering::Relaxed);
+                    if running == 0 || c.hooked.load(Ordering::Relaxed) == running {
+                        continue;
+                    }
+                    if c.seen.swap(running, Ordering::Relaxed) != running {
+                        c.seen_tick.store(tick, Ordering::Relaxed);
+                        continue;
+                    }
+                    // Seen first at `seen_tick`: it has run at least (tick - seen_tick) ticks.
+                    let ran = TICK.as_millis() as u64 * (tick - c.seen_tick.load(Ordering::Relaxed));
+                    if ran < c.budget_ms.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    c.hooked.store(running, Ordering::Relaxed);
+                    let state = c.state.load(Ordering::Relaxed) as *mut ffi::lua_State;
+                    // SAFETY: lua_sethook only stores the hook and mask in the global
+                    // state; LuaJIT documents it as safe to call asynchronously
+                    // (it is how signal handlers interrupt scripts).
+                    unsafe { ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, 1000) };
                 }
-                if c.hooked.swap(start, Ordering::Relaxed) == start {
-                    continue;
-                }
-                let state = c.state.load(Ordering::Relaxed) as *mut ffi::lua_State;
-                // SAFETY: lua_sethook only stores the hook and mask in the global
-                // state; LuaJIT documents it as safe to call asynchronously
-                // (it is how signal handlers interrupt scripts).
-                unsafe { ffi::lua_sethook(state, Some(hook), ffi::LUA_MASKCOUNT, 1000) };
             }
         });
     });
@@ -144,8 +161,8 @@ unsafe extern "C-unwind" fn hook(state: *mut ffi::lua_State, _ar: *mut ffi::lua_
     ffi::lua_sethook(state, None, 0, 0);
     let overran = CLOCK.with(|c| {
         c.borrow().as_ref().is_some_and(|c| {
-            let start = c.slice_start.load(Ordering::Relaxed);
-            start != 0 && now_ms().saturating_sub(start) > c.budget_ms.load(Ordering::Relaxed)
+            let running = c.running.load(Ordering::Relaxed);
+            running != 0 && running == c.hooked.load(Ordering::Relaxed)
         })
     });
     if !overran {

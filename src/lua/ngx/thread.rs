@@ -120,25 +120,34 @@ where
 /// A script that ends without waiting, and leaves no light thread running,
 /// is over (`Ok`); otherwise the rest is a future.
 pub fn scope_begin(req: Option<Shared>, start: impl FnOnce() -> Start) -> Result<mlua::Result<()>, LocalFuture> {
-    let group = Rc::new(Group::new(false));
-    let abort = AbortOnDrop(Rc::clone(&group));
-    let first = {
+    let (first, group) = {
         let _published = Published::new(req.clone());
-        let _group = GroupPublished::new(Rc::clone(&group));
-        start()
+        // The group is made only if the script spawns a light thread.
+        let lazy = GroupPublished::new(Slot::Lazy);
+        let first = start();
+        (first, lazy.end())
     };
     match first {
-        Start::Done(out) if out.is_err() || group.running.get() == 0 => Ok(out),
-        first => Err(Box::pin(async move {
-            let _abort = abort;
-            let out = match first {
-                Start::Done(out) => out,
-                Start::Waiting(rest) => {
-                    Scoped::new(req, InGroup { group: Rc::clone(&group), entry: true, inner: rest }).await
-                }
-            };
-            settle(&group, out).await
-        })),
+        Start::Done(out) if out.is_err() || group.as_ref().is_none_or(|g| g.running.get() == 0) => {
+            if let Some(group) = group {
+                group.abort_all();
+            }
+            Ok(out)
+        }
+        first => {
+            let group = group.unwrap_or_else(|| Rc::new(Group::new(false)));
+            let abort = AbortOnDrop(Rc::clone(&group));
+            Err(Box::pin(async move {
+                let _abort = abort;
+                let out = match first {
+                    Start::Done(out) => out,
+                    Start::Waiting(rest) => {
+                        Scoped::new(req, InGroup { group: Rc::clone(&group), entry: true, inner: rest }).await
+                    }
+                };
+                settle(&group, out).await
+            }))
+        }
     }
 }
 
@@ -236,13 +245,33 @@ impl Drop for AbortOnDrop {
 
 thread_local! {
     /// The group of the handler whose coroutine is being resumed.
-    static CURRENT: RefCell<Option<Rc<Group>>> = const { RefCell::new(None) };
+    static CURRENT: RefCell<Slot> = const { RefCell::new(Slot::Detached) };
     /// Where threads spawned outside any scope go.
     static DETACHED: Rc<Group> = Rc::new(Group::new(true));
 }
 
+/// Where light threads spawned now go.
+enum Slot {
+    /// Outside any handler: the detached group.
+    Detached,
+    /// A handler's first run: its group, made when first needed.
+    Lazy,
+    Group(Rc<Group>),
+}
+
 fn current_group() -> Rc<Group> {
-    CURRENT.with(|c| c.borrow().clone()).unwrap_or_else(|| DETACHED.with(Rc::clone))
+    CURRENT.with(|c| {
+        let mut slot = c.borrow_mut();
+        match &*slot {
+            Slot::Group(g) => Rc::clone(g),
+            Slot::Lazy => {
+                let g = Rc::new(Group::new(false));
+                *slot = Slot::Group(Rc::clone(&g));
+                g
+            }
+            Slot::Detached => DETACHED.with(Rc::clone),
+        }
+    })
 }
 
 enum State {
@@ -400,24 +429,34 @@ impl<F: Future<Output = mlua::Result<()>>> Future for InGroup<F> {
             }
             set_waker(&this.group.entry_waker, cx.waker());
         }
-        let _published = GroupPublished::new(Rc::clone(this.group));
+        let _published = GroupPublished::new(Slot::Group(Rc::clone(this.group)));
         this.inner.poll(cx)
     }
 }
 
-/// While alive: `group` is the group light threads spawned now join.
-struct GroupPublished(Option<Rc<Group>>);
+/// While alive: `slot` says where light threads spawned now go.
+struct GroupPublished(Option<Slot>);
 
 impl GroupPublished {
-    fn new(group: Rc<Group>) -> Self {
-        Self(CURRENT.with(|c| c.replace(Some(group))))
+    fn new(slot: Slot) -> Self {
+        Self(Some(CURRENT.with(|c| c.replace(slot))))
+    }
+
+    /// Ends it: the group published (made by now, for a lazy slot), if any.
+    fn end(mut self) -> Option<Rc<Group>> {
+        let previous = self.0.take()?;
+        match CURRENT.with(|c| c.replace(previous)) {
+            Slot::Group(g) => Some(g),
+            _ => None,
+        }
     }
 }
 
 impl Drop for GroupPublished {
     fn drop(&mut self) {
-        let previous = self.0.take();
-        CURRENT.with(|c| *c.borrow_mut() = previous);
+        if let Some(previous) = self.0.take() {
+            CURRENT.with(|c| *c.borrow_mut() = previous);
+        }
     }
 }
 

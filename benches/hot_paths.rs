@@ -166,7 +166,15 @@ fn bench_lua_hook(c: &mut Criterion) {
                         .into_parts()
                         .0;
                     let client = SocketAddr::from(([127, 0, 0, 1], 5000));
-                    let req = Rc::new(RefCell::new(LuaRequest::new(parts, client, client, false, Arc::from("r"))));
+                    let req = Rc::new(RefCell::new(LuaRequest::new(
+                        parts,
+                        client,
+                        client,
+                        false,
+                        Arc::from("r"),
+                        false,
+                        std::time::Instant::now(),
+                    )));
                     futures_executor(runtime.run(Phase::Access, s, &req))
                 })
             });

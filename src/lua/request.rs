@@ -110,8 +110,10 @@ impl LuaRequest {
         server: SocketAddr,
         tls: bool,
         route: Arc<str>,
+        is_grpc: bool,
+        start: Instant,
     ) -> Self {
-        let grpc = crate::protocol::grpc::is_grpc(&parts.headers)
+        let grpc = is_grpc
             .then(|| crate::protocol::grpc::parse_path(parts.uri.path()))
             .flatten()
             .map(|(s, m)| (s.to_string(), m.to_string()));
@@ -127,7 +129,7 @@ impl LuaRequest {
             client,
             server,
             tls,
-            start: Instant::now(),
+            start,
             phase: Phase::Rewrite,
             route,
             ctx: None,

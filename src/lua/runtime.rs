@@ -196,6 +196,11 @@ impl Runtime {
         Ok(())
     }
 
+    /// init_worker has run (or there is none).
+    pub fn is_ready(&self) -> bool {
+        self.init_done.get()
+    }
+
     /// Resolves once init_worker has run (requests wait for it, as nginx
     /// runs init_worker_by_lua before accepting).
     pub async fn ready(&self) {

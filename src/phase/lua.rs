@@ -63,11 +63,11 @@ impl LuaCtx {
     pub fn start(
         snap: &Snapshot,
         route: &Route,
-        scripts: &Arc<RouteLua>,
         parts: http::request::Parts,
         body: Incoming,
         conn: &ConnInfo,
         is_grpc: bool,
+        started: std::time::Instant,
     ) -> Result<Self, ProxyError> {
         let runtime = runtime::get(snap.generation, &snap.lua).map_err(|e| {
             tracing::error!(target: "lua", error = %e, "cannot start the Lua state");
@@ -75,15 +75,17 @@ impl LuaCtx {
         })?;
         let mut parts = parts;
         // HTTP/2 requests carry the host in the authority: scripts read it as the Host header.
-        if !parts.headers.contains_key(http::header::HOST) {
-            if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        if let Some(authority) = parts.uri.authority().filter(|_| !parts.headers.contains_key(http::header::HOST)) {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
                 parts.headers.insert(http::header::HOST, v);
             }
         }
-        let mut r = LuaRequest::new(parts, conn.client, conn.listener.addr, conn.tls, Arc::clone(&route.name));
+        let (client, server, route_name) = (conn.client, conn.listener.addr, Arc::clone(&route.name));
+        let mut r = LuaRequest::new(parts, client, server, conn.tls, route_name, is_grpc, started);
         r.incoming = Some(body);
         r.body_limit = route.client_max_body_size;
-        Ok(Self { runtime, req: Rc::new(RefCell::new(r)), scripts: Arc::clone(scripts), is_grpc })
+        let scripts = route.lua.clone().ok_or_else(|| ProxyError::Lua("the route has no Lua scripts".into()))?;
+        Ok(Self { runtime, req: Rc::new(RefCell::new(r)), scripts, is_grpc })
     }
 
     /// rewrite, then access: either may answer the request.
@@ -251,21 +253,23 @@ impl LuaCtx {
         })
     }
 
+    /// No later script reads the response, no script changed its headers,
+    /// and no phase that answered runs on (it reads the headers it sent):
+    /// the response goes out untouched, without [`respond`](Self::respond).
+    pub fn passes_through(&self) -> bool {
+        let s = &self.scripts;
+        s.header_filter.is_none() && s.body_filter.is_none() && s.log.is_none() && {
+            let r = self.req.borrow();
+            r.resp.headers.is_empty() && !r.resp.headers_sent
+        }
+    }
+
     /// header_filter on the response head; body_filter and log ride on the body.
     pub async fn respond(
         &self,
         resp: Response<ResponseBody>,
         upstream: Option<(SocketAddr, std::time::Duration)>,
     ) -> Response<ResponseBody> {
-        let s = &self.scripts;
-        if s.header_filter.is_none() && s.body_filter.is_none() && s.log.is_none() {
-            let r = self.req.borrow();
-            // No later script reads the response, no script changed its headers, and no phase that
-            // answered runs on (it reads the headers it sent): pass the response through untouched.
-            if r.resp.headers.is_empty() && !r.resp.headers_sent {
-                return resp;
-            }
-        }
         let (mut head, body) = resp.into_parts();
         {
             let mut r = self.req.borrow_mut();

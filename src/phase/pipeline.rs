@@ -76,8 +76,9 @@ pub async fn handle(
     let snap = crate::config::reload::current();
     let (parts, body) = req.into_parts();
     let trace = TraceContext::from_headers(&parts.headers);
+    let started = std::time::Instant::now();
     let mut guard = LogGuard(Some(LogRecord {
-        start: std::time::Instant::now(),
+        start: started,
         client: conn.client,
         method: parts.method.clone(),
         uri: parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
@@ -112,7 +113,7 @@ pub async fn handle(
     if let Some(log) = &mut guard.0 {
         log.route = Some(Arc::clone(&route.name));
     }
-    let Some(scripts) = &route.lua else {
+    if route.lua.is_none() {
         return Ok(match &route.action {
             Action::Proxy(upstream) => {
                 let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
@@ -120,29 +121,28 @@ pub async fn handle(
             }
             action => answer(action, guard.0.take()),
         });
-    };
-    let lua = match LuaCtx::start(&snap, &route, scripts, parts, body, &conn, is_grpc) {
+    }
+    let lua = match LuaCtx::start(&snap, &route, parts, body, &conn, is_grpc, started) {
         Ok(l) => l,
         Err(e) => return Ok(respond::error(&e, is_grpc, guard.0.take())),
     };
-    lua.runtime.ready().await;
-    if let Flow::Respond(resp) = lua.request_phases(&mut guard.0).await {
-        return Ok(lua.respond(*resp, None).await);
+    if !lua.runtime.is_ready() {
+        lua.runtime.ready().await;
     }
-    Ok(match &route.action {
-        Action::Content => {
-            let resp = lua.content(guard.0.take()).await;
-            lua.respond(resp, None).await
-        }
-        Action::Proxy(upstream) => {
-            let (parts, body) = lua.take_request();
-            let balancer = lua.balancer();
-            let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
-            let (resp, upstream) = ctx.run(parts, body, balancer.as_ref(), &mut guard).await;
-            lua.respond(resp, upstream).await
-        }
-        action => lua.respond(answer(action, guard.0.take()), None).await,
-    })
+    let (resp, upstream) = match lua.request_phases(&mut guard.0).await {
+        Flow::Respond(resp) => (*resp, None),
+        Flow::Continue => match &route.action {
+            Action::Content => (lua.content(guard.0.take()).await, None),
+            Action::Proxy(upstream) => {
+                let (parts, body) = lua.take_request();
+                let balancer = lua.balancer();
+                let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
+                ctx.run(parts, body, balancer.as_ref(), &mut guard).await
+            }
+            action => (answer(action, guard.0.take()), None),
+        },
+    };
+    Ok(if lua.passes_through() { resp } else { lua.respond(resp, upstream).await })
 }
 
 /// A route that answers by itself (`return`), or a content route reached without its script.

@@ -737,7 +737,7 @@ pub(crate) mod testing {
     pub fn request(phase: Phase) -> Shared {
         let (parts, ()) = http::Request::new(()).into_parts();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let mut r = LuaRequest::new(parts, addr, addr, false, Arc::from("test"));
+        let mut r = LuaRequest::new(parts, addr, addr, false, Arc::from("test"), false, std::time::Instant::now());
         r.phase = phase;
         Rc::new(RefCell::new(r))
     }

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use mlua::{ffi, FromLuaMulti, Function, IntoLuaMulti, Lua, RegistryKey, Thread, Value};
+use mlua::{ffi, FromLuaMulti, Function, IntoLuaMulti, Lua, RegistryKey, Thread, Value, WeakLua};
 
 use super::budget;
 
@@ -99,6 +99,7 @@ impl Coroutines {
                 unsafe { ffi::lua_settop(co, 0) };
                 match thread.clone().into_async::<()>(()) {
                     Ok(inner) => Start::Waiting(Waiting {
+                        lua: lua.weak(),
                         thread,
                         inner: Some(inner),
                         deferred: false,
@@ -152,6 +153,7 @@ impl Coroutines {
 /// The rest of a phase that waits: mlua drives the coroutine from where it
 /// yielded.
 pub struct Waiting {
+    lua: WeakLua,
     thread: Thread,
     inner: Option<mlua::thread::AsyncThread<()>>,
     /// The first poll only schedules the next: the future the script waits
@@ -192,9 +194,10 @@ impl Future for Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if self.inner.take().is_some() {
-            // SAFETY: the coroutine is suspended (never dropped while running:
-            // a running coroutine's future is being polled).
+        // A state already gone (worker shutdown) has nothing left to unwind.
+        if self.inner.take().is_some() && self.lua.try_upgrade().is_some() {
+            // SAFETY: the state is alive; the coroutine is suspended (never
+            // dropped while running: a running coroutine's future is being polled).
             unsafe { abort(self.thread.state()) };
         }
     }

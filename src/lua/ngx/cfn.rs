@@ -66,7 +66,10 @@ pub unsafe fn bytes<'a>(state: *mut ffi::lua_State, i: c_int) -> Option<&'a [u8]
 /// # Safety
 /// Within [`call`] (ceiling lifted), with a free stack slot.
 pub unsafe fn push(state: *mut ffi::lua_State, b: &[u8]) {
-    ffi::lua_pushlstring(state, b.as_ptr().cast(), b.len());
+    // LuaJIT's own `lua_pushlstring`: mlua-sys's wrapper of the same name
+    // also reads the new string back (`lua_tostring`) to return a pointer
+    // these callers never use. An empty slice's pointer is not read.
+    ffi::lua_pushlstring_(state, b.as_ptr().cast(), b.len());
 }
 
 /// Calls upvalue 1 — the general implementation, an mlua function — with

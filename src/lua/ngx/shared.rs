@@ -265,12 +265,17 @@ impl Store {
     /// 1)`) on every store, get, incr and list operation; this decides how long expired items stay
     /// visible to `get_stale` and `flush_expired`.
     fn reclaim(&mut self, now: u64) {
+        self.reclaim_at(|| now);
+    }
+
+    /// [`Store::reclaim`], asking the clock only if the tail item has an expiry time.
+    fn reclaim_at(&mut self, mut now: impl FnMut() -> u64) {
         for _ in 0..2 {
             match self.tail {
                 NONE => return,
                 t => {
                     let e = self.node(t).expires;
-                    if e == 0 || e > now {
+                    if e == 0 || e > now() {
                         return;
                     }
                     self.remove(t);
@@ -439,16 +444,16 @@ impl SharedDict {
     }
 
     fn get(&self, key: &[u8], stale_ok: bool) -> Got {
-        let now = self.now();
         let mut s = self.lock();
+        // The clock is read once, and only if an item looked at has an expiry time.
+        let mut now = None;
+        let mut now = || *now.get_or_insert_with(|| self.now());
         if !stale_ok {
-            s.reclaim(now);
+            s.reclaim_at(&mut now);
         }
-        let (i, stale) = match s.lookup(key, now) {
-            Lookup::Missing => return Got::Missing,
-            Lookup::Live(i) => (i, false),
-            Lookup::Expired(i) => (i, true),
-        };
+        let Some(&i) = s.map.get(key) else { return Got::Missing };
+        let e = s.node(i).expires;
+        let stale = e != 0 && e <= now();
         s.touch(i);
         if stale && !stale_ok {
             return Got::Missing;
@@ -1089,8 +1094,14 @@ unsafe extern "C-unwind" fn get_fast(state: *mut ffi::lua_State) -> c_int {
     if ffi::lua_gettop(state) != 2 || ffi::lua_type(state, 1) != ffi::LUA_TTABLE {
         return cfn::delegate(state);
     }
-    ffi::lua_rawgeti(state, 1, 2);
-    let index = if ffi::lua_type(state, -1) == ffi::LUA_TNUMBER { ffi::lua_tointeger(state, -1) } else { 0 };
+    // LuaJIT's own `lua_rawgeti` and `lua_tonumber`: mlua-sys's wrappers
+    // also read the type back / test for a number a second time.
+    ffi::lua_rawgeti_(state, 1, 2);
+    let index = match ffi::lua_type(state, -1) {
+        // As `lua_tointeger` would: a number that is not an integer gives 0 (no dict).
+        ffi::LUA_TNUMBER => Some(ffi::lua_tonumber(state, -1)).filter(|&n| n == (n as i64) as f64).map_or(0, |n| n as i64),
+        _ => 0,
+    };
     ffi::lua_pop(state, 1);
     let dict = FAST_ZONES.with(|z| z.borrow().get((index as usize).wrapping_sub(1)).cloned());
     let key_ok = cfn::bytes(state, 2).is_some_and(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);

@@ -29,7 +29,7 @@ pub fn closure(lua: &Lua, upvalue: impl IntoLua, f: ffi::lua_CFunction) -> mlua:
 /// `state` is the state the C function was called with; `body` keeps the
 /// stack balanced apart from the results it reports.
 pub unsafe fn call(state: *mut ffi::lua_State, body: impl FnOnce() -> Result<c_int, String>) -> c_int {
-    let results = ceiling::lifted_c(|| match body() {
+    let results = ceiling::lifted_c(state, || match body() {
         Ok(n) => Some(n),
         Err(msg) => {
             // SAFETY: the ceiling is lifted; three slots are free (a C function has 20).

@@ -61,6 +61,16 @@ pub unsafe fn bytes<'a>(state: *mut ffi::lua_State, i: c_int) -> Option<&'a [u8]
     Some(std::slice::from_raw_parts(p.cast(), len))
 }
 
+/// The bytes of the string at `i`, known to be one (no type check).
+///
+/// # Safety
+/// Slot `i` holds a string; as [`bytes`], use them before that slot changes.
+pub unsafe fn string<'a>(state: *mut ffi::lua_State, i: c_int) -> &'a [u8] {
+    let mut len = 0;
+    let p = ffi::lua_tolstring(state, i, &mut len);
+    std::slice::from_raw_parts(p.cast(), len)
+}
+
 /// Pushes `b` as a Lua string.
 ///
 /// # Safety

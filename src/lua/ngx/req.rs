@@ -188,7 +188,9 @@ fn escape_path(p: &str) -> String {
 /// protected call of its own (benches/NOTES.md §5).
 unsafe extern "C-unwind" fn get_headers(state: *mut ffi::lua_State) -> c_int {
     cfn::call(state, || {
-        let max = match ffi::lua_type(state, 1) {
+        // No arguments (the usual call): neither needs looking at.
+        let args = ffi::lua_gettop(state);
+        let max = match if args == 0 { ffi::LUA_TNONE } else { ffi::lua_type(state, 1) } {
             ffi::LUA_TNONE | ffi::LUA_TNIL => 100,
             _ if ffi::lua_isnumber(state, 1) != 0 => ffi::lua_tointeger(state, 1),
             t => {
@@ -197,7 +199,7 @@ unsafe extern "C-unwind" fn get_headers(state: *mut ffi::lua_State) -> c_int {
             }
         };
         let max = if max > 0 { max as usize } else { usize::MAX };
-        let raw = ffi::lua_toboolean(state, 2) != 0;
+        let raw = args >= 2 && ffi::lua_toboolean(state, 2) != 0;
         let req = request::current().ok_or_else(|| request::outside_message("ngx.req.get_headers"))?;
         let r = req.try_borrow().map_err(|_| "ngx.req.get_headers: request busy".to_string())?;
         let h = &r.parts.headers;

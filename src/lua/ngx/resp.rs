@@ -388,7 +388,8 @@ pub(super) unsafe fn set_string_header(
     which: impl FnOnce(&mut LuaRequest) -> &mut http::HeaderMap,
 ) -> c_int {
     cfn::call(state, || {
-        let (Some(name), Some(value)) = (cfn::bytes(state, at), cfn::bytes(state, at + 1)) else { return Ok(0) };
+        // The callers checked both are strings.
+        let (name, value) = (cfn::string(state, at), cfn::string(state, at + 1));
         let name = header_name_bytes(name)?;
         let value = HeaderValue::from_bytes(value).map_err(|_| "invalid header value".to_string())?;
         let req = request::current().ok_or_else(|| request::outside_message(api))?;

@@ -1104,10 +1104,12 @@ unsafe extern "C-unwind" fn get_fast(state: *mut ffi::lua_State) -> c_int {
     };
     ffi::lua_pop(state, 1);
     let dict = FAST_ZONES.with(|z| z.borrow().get((index as usize).wrapping_sub(1)).cloned());
-    let key_ok = cfn::bytes(state, 2).is_some_and(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
-    let Some(dict) = dict.filter(|_| key_ok) else { return cfn::delegate(state) };
+    // The key's bytes stay valid while slot 2 holds it: through the call.
+    let key = cfn::bytes(state, 2).filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
+    // Nothing may be held when delegating (the general method may raise): the dict goes first.
+    let dict = dict.filter(|_| key.is_some());
+    let (Some(dict), Some(key)) = (dict, key) else { return cfn::delegate(state) };
     cfn::call(state, || {
-        let key = cfn::bytes(state, 2).unwrap_or_default();
         Ok(match dict.get(key, false) {
             Got::Missing => {
                 ffi::lua_pushnil(state);

@@ -62,9 +62,7 @@ fn find_ceiling_slot(lua: &Lua) -> Option<ffi::lua_Alloc> {
     }
     let words = ud.cast::<isize>();
     // SAFETY: `ud` is mlua's allocator state, at least the two words checked (see above).
-    let shows = |limit: usize| {
-        lua.set_memory_limit(limit).is_ok() && unsafe { words.add(1).read() } == limit as isize
-    };
+    let shows = |limit: usize| lua.set_memory_limit(limit).is_ok() && unsafe { words.add(1).read() } == limit as isize;
     let ok = shows(0x5a5a_5a5a) && shows(0x0123_4567) && unsafe { words.read() } == lua.used_memory() as isize;
     let _ = lua.set_memory_limit(0);
     ok.then_some(f)

@@ -434,12 +434,15 @@ pub fn header_name(name: &str) -> mlua::Result<HeaderName> {
 /// How many names [`header_name_bytes`] remembers (a power of two).
 const NAME_CACHE: usize = 16;
 
+/// A name as a script spelled it, and what it parsed to.
+type Parsed = Option<(Box<[u8]>, HeaderName)>;
+
 thread_local! {
     /// Names [`header_name_bytes`] parsed lately, as the script spelled them:
     /// a script sets the same few names on every request, and a clone of the
     /// parsed name (a copy, or a reference count) costs a fraction of parsing
     /// it again (~250 instructions, and an allocation for a non-standard name).
-    static NAMES: std::cell::RefCell<[Option<(Box<[u8]>, HeaderName)>; NAME_CACHE]> =
+    static NAMES: std::cell::RefCell<[Parsed; NAME_CACHE]> =
         const { std::cell::RefCell::new([const { None }; NAME_CACHE]) };
 }
 

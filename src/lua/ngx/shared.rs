@@ -1099,7 +1099,9 @@ unsafe extern "C-unwind" fn get_fast(state: *mut ffi::lua_State) -> c_int {
     ffi::lua_rawgeti_(state, 1, 2);
     let index = match ffi::lua_type(state, -1) {
         // As `lua_tointeger` would: a number that is not an integer gives 0 (no dict).
-        ffi::LUA_TNUMBER => Some(ffi::lua_tonumber(state, -1)).filter(|&n| n == (n as i64) as f64).map_or(0, |n| n as i64),
+        ffi::LUA_TNUMBER => {
+            Some(ffi::lua_tonumber(state, -1)).filter(|&n| n == (n as i64) as f64).map_or(0, |n| n as i64)
+        }
         _ => 0,
     };
     ffi::lua_pop(state, 1);

@@ -1105,13 +1105,16 @@ unsafe extern "C-unwind" fn get_fast(state: *mut ffi::lua_State) -> c_int {
         }
         _ => 0,
     };
-    ffi::lua_pop(state, 1);
+    // `[2]` stays on the stack below the results (popped only to delegate).
     let dict = FAST_ZONES.with(|z| z.borrow().get((index as usize).wrapping_sub(1)).cloned());
     // The key's bytes stay valid while slot 2 holds it: through the call.
     let key = cfn::bytes(state, 2).filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN);
     // Nothing may be held when delegating (the general method may raise): the dict goes first.
     let dict = dict.filter(|_| key.is_some());
-    let (Some(dict), Some(key)) = (dict, key) else { return delegate_raising(state) };
+    let (Some(dict), Some(key)) = (dict, key) else {
+        ffi::lua_pop(state, 1);
+        return delegate_raising(state);
+    };
     cfn::call(state, || {
         Ok(match dict.get(key, false) {
             Got::Missing => {

@@ -131,7 +131,7 @@ impl Coroutines {
         // An existing registry slot: storing into it allocates nothing, even at the memory ceiling.
         let slot = self.error_slot.id() as ffi::lua_Integer;
         ffi::lua_rawseti(co, ffi::LUA_REGISTRYINDEX, slot);
-        let value = super::ceiling::lifted_c(|| lua.registry_value::<Value>(&self.error_slot));
+        let value = super::ceiling::lifted_c(co, || lua.registry_value::<Value>(&self.error_slot));
         ffi::lua_pushboolean(co, 0);
         ffi::lua_rawseti(co, ffi::LUA_REGISTRYINDEX, slot);
         let value = match value {

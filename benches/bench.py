@@ -96,6 +96,10 @@ WORKLOADS = [
     dict(name="grpc-unary", kind="h2load", targets=GRPC, ref="nginx",
          title="gRPC unary over h2c (echo.v1.Echo/Unary)",
          load="h2load -c1 -m{GRPC_STREAMS}: one connection, {GRPC_STREAMS} concurrent streams"),
+    # The Lua hooks' baseline: the same request (path length, headers) to a route without a hook.
+    dict(name="lua-none", kind="wrk", path="/lua/none", headers=LUA_HEADERS, targets=LUA, ref="nginx-lua",
+         title="HTTP/1.1 small response, the Lua workloads' request on a route without a hook",
+         load="wrk -t1 -c{CONNS}; the baseline of the two Lua hook workloads"),
     dict(name="lua-empty", kind="wrk", path="/lua/empty", headers=LUA_HEADERS, targets=LUA, ref="nginx-lua",
          title="HTTP/1.1 small response through an empty Lua access hook",
          load="wrk -t1 -c{CONNS}; benches/lua/empty.lua as luagate lua.access / nginx access_by_lua_file"),

@@ -91,7 +91,7 @@ impl Coroutines {
         };
         match status {
             ffi::LUA_OK => {
-                self.recycle(thread);
+                recycle(&self.idle, thread);
                 Start::Done(Ok(()))
             }
             ffi::LUA_YIELD => {
@@ -110,15 +110,6 @@ impl Coroutines {
             }
             // SAFETY: the error value is on top of the dead coroutine's stack.
             status => Start::Done(Err(unsafe { self.take_error(lua, co, status) })),
-        }
-    }
-
-    fn recycle(&self, thread: Thread) {
-        // SAFETY: the coroutine ended: its stack holds only its results.
-        unsafe { ffi::lua_settop(thread.state(), 0) };
-        let mut idle = self.idle.borrow_mut();
-        if idle.len() < POOL {
-            idle.push(thread);
         }
     }
 
@@ -181,14 +172,19 @@ impl Future for Waiting {
         // results left means it returned and can be reused.
         let finished = out.is_ok() && unsafe { ffi::lua_status(self.thread.state()) } == ffi::LUA_OK;
         if finished {
-            let mut idle = self.idle.borrow_mut();
-            if idle.len() < POOL {
-                // SAFETY: as above.
-                unsafe { ffi::lua_settop(self.thread.state(), 0) };
-                idle.push(self.thread.clone());
-            }
+            recycle(&self.idle, self.thread.clone());
         }
         Poll::Ready(out)
+    }
+}
+
+/// A coroutine that returned goes back to the pool (if there is room).
+fn recycle(idle: &RefCell<Vec<Thread>>, thread: Thread) {
+    let mut idle = idle.borrow_mut();
+    if idle.len() < POOL {
+        // SAFETY: the coroutine ended (returned): its stack holds only its results.
+        unsafe { ffi::lua_settop(thread.state(), 0) };
+        idle.push(thread);
     }
 }
 

@@ -35,7 +35,7 @@ pub unsafe fn call(state: *mut ffi::lua_State, body: impl FnOnce() -> Result<c_i
             // SAFETY: the ceiling is lifted; three slots are free (a C function has 20).
             unsafe {
                 ffi::luaL_where(state, 1);
-                ffi::lua_pushlstring(state, msg.as_ptr().cast(), msg.len());
+                push(state, msg.as_bytes());
                 ffi::lua_concat(state, 2);
             }
             None
@@ -53,12 +53,7 @@ pub unsafe fn call(state: *mut ffi::lua_State, body: impl FnOnce() -> Result<c_i
 /// # Safety
 /// The bytes borrow the Lua string at `i`: use them before that slot changes.
 pub unsafe fn bytes<'a>(state: *mut ffi::lua_State, i: c_int) -> Option<&'a [u8]> {
-    if ffi::lua_type(state, i) != ffi::LUA_TSTRING {
-        return None;
-    }
-    let mut len = 0;
-    let p = ffi::lua_tolstring(state, i, &mut len);
-    Some(std::slice::from_raw_parts(p.cast(), len))
+    (ffi::lua_type(state, i) == ffi::LUA_TSTRING).then(|| string(state, i))
 }
 
 /// The bytes of the string at `i`, known to be one (no type check).

@@ -171,11 +171,16 @@ impl Store {
     }
 
     fn lookup(&self, key: &[u8], now: u64) -> Lookup {
+        self.lookup_at(key, || now)
+    }
+
+    /// [`Store::lookup`], asking the clock only if the item has an expiry time.
+    fn lookup_at(&self, key: &[u8], now: impl FnOnce() -> u64) -> Lookup {
         match self.map.get(key) {
             None => Lookup::Missing,
             Some(&i) => {
                 let e = self.node(i).expires;
-                if e == 0 || e > now {
+                if e == 0 || e > now() {
                     Lookup::Live(i)
                 } else {
                     Lookup::Expired(i)
@@ -454,9 +459,11 @@ impl SharedDict {
         if !stale_ok {
             s.reclaim_at(&mut now);
         }
-        let Some(&i) = s.map.get(key) else { return Got::Missing };
-        let e = s.node(i).expires;
-        let stale = e != 0 && e <= now();
+        let (i, stale) = match s.lookup_at(key, &mut now) {
+            Lookup::Missing => return Got::Missing,
+            Lookup::Live(i) => (i, false),
+            Lookup::Expired(i) => (i, true),
+        };
         s.touch(i);
         if stale && !stale_ok {
             return Got::Missing;

@@ -82,7 +82,8 @@ unsafe extern "C-unwind" fn index(state: *mut ffi::lua_State) -> c_int {
         return cfn::delegate(state);
     }
     cfn::call(state, || {
-        let name = cfn::bytes(state, 2).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
+        // Slot 2 was checked to be a string.
+        let name = std::str::from_utf8(cfn::string(state, 2)).unwrap_or_default();
         let req = request::current().ok_or_else(|| request::outside_message("ngx.var"))?;
         let r = req.try_borrow().map_err(|_| "ngx.var: request busy".to_string())?;
         let value = DECLARED.with(|d| get(&r, name, &d.borrow()));

@@ -66,6 +66,10 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
         None | Some("stdout") => AccessLogTarget::Stdout,
         Some("stderr") => AccessLogTarget::Stderr,
         Some("off") => AccessLogTarget::Off,
+        Some("") => {
+            c.err("access_log.path", "empty: give stdout, stderr, off or a file path");
+            AccessLogTarget::Off
+        }
         Some(p) => AccessLogTarget::File(c.path(p)),
     };
     let shutdown_grace = c.duration("shutdown.grace", cfg.shutdown.grace.as_deref(), Duration::from_secs(30));
@@ -285,6 +289,9 @@ impl Compiler {
         }
         let mut peers = Vec::new();
         for (i, p) in u.peers.iter().enumerate() {
+            if p.weight == Some(0) {
+                self.err(format!("{key}.peers[{i}].weight"), "a weight is at least 1 (to take a peer out, remove it)");
+            }
             match p.addr.parse::<SocketAddr>() {
                 Ok(addr) => peers.push(Peer { addr, weight: p.weight.unwrap_or(1).max(1), stats: peer_stats(addr) }),
                 Err(_) => self.err(format!("{key}.peers[{i}].addr"), format!("{:?} is not an IP:port address", p.addr)),
@@ -449,6 +456,10 @@ impl Compiler {
         };
         let host_header = match r.host_header.as_deref() {
             None | Some("pass") => None,
+            Some(h) if h.is_empty() || h.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) => {
+                self.err(format!("{key}.host_header"), "not a valid host");
+                None
+            }
             Some(h) => {
                 HeaderValue::from_str(h).map_err(|_| self.err(format!("{key}.host_header"), "not a valid host")).ok()
             }

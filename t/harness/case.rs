@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+pub use crate::process::ExitExpect;
+
 /// An expected value in the matcher syntax of [`crate::expect::matches`]: exact,
 /// `!absent`, `!present`, `~regex`, `!~regex`, `<N`, `<=N`, `>N`, `>=N`, `=literal`.
 pub type Matcher = Value;
@@ -16,6 +18,8 @@ pub type Matcher = Value;
 pub const LISTENERS: [&str; 3] = ["listen", "listen2", "listen_tls"];
 /// Placeholder of an address where nothing listens (a "dead" peer).
 pub const DEAD: &str = "dead";
+/// Placeholder of an address that never completes a TCP handshake (SYNs dropped).
+pub const BLACKHOLE: &str = "blackhole";
 
 /// One case file found under `t/cases`.
 #[derive(Debug, Clone)]
@@ -48,6 +52,20 @@ pub fn discover(root: &Path) -> Result<Vec<CaseFile>, String> {
     Ok(out)
 }
 
+/// Every `*.yaml` directly in `root` (id: the file stem), sorted by id.
+pub fn discover_flat(root: &Path) -> Result<Vec<CaseFile>, String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(|e| format!("{}: {e}", root.display()))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(CaseFile { id, path });
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
 fn file_name(p: &Path) -> String {
     p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
@@ -70,6 +88,12 @@ pub struct Case {
     pub files: BTreeMap<String, String>,
     pub config: String,
     pub steps: Vec<Step>,
+    /// How luagate must end (default: exit 0 on the final SIGTERM, no panic).
+    pub exit: ExitExpect,
+    /// Harness self-tests only: a shell script luagate is started through.
+    pub luagate_wrapper: Option<String>,
+    /// Harness self-tests only: the case must fail, with every one of these in its error.
+    pub expect_failure: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,12 +103,19 @@ struct CaseDoc {
     /// Read by [`skip_reason`] at listing time.
     #[allow(dead_code)]
     skip: Option<String>,
+    /// Read by [`no_reload_reason`] at listing time.
+    #[allow(dead_code)]
+    no_reload: Option<String>,
     #[serde(default)]
     backends: BTreeMap<String, BackendKind>,
     #[serde(default)]
     files: BTreeMap<String, String>,
     config: String,
     steps: Vec<StepDoc>,
+    #[serde(default)]
+    exit: ExitExpect,
+    luagate_wrapper: Option<String>,
+    expect_failure: Option<OneOrMany>,
 }
 
 /// One step as written: exactly one action key plus modifiers and `expect`.
@@ -95,6 +126,7 @@ struct StepDoc {
     grpc: Option<GrpcCall>,
     raw: Option<String>,
     raw_repeat_header: Option<RepeatHeader>,
+    raw_hold_ms: Option<u64>,
     reload: Option<String>,
     check: Option<String>,
     sleep_ms: Option<u64>,
@@ -105,7 +137,7 @@ struct StepDoc {
     parallel: Option<Vec<Value>>,
     write_file: Option<WriteFile>,
     repeat: Option<u32>,
-    expect_backends: Option<BTreeMap<String, u32>>,
+    expect_backends: Option<BTreeMap<String, Matcher>>,
     expect_one_backend: Option<bool>,
     expect: Option<Value>,
 }
@@ -113,13 +145,37 @@ struct StepDoc {
 /// A step, ready to run.
 #[derive(Debug)]
 pub enum Step {
-    Request { req: Request, repeat: u32, expect: HttpExpect, backends: BackendCount },
-    Grpc { call: GrpcCall, repeat: u32, expect: GrpcExpect, backends: BackendCount },
-    Raw { data: Vec<u8>, expect: RawExpect },
-    Reload { config: String, expect: ReloadExpect },
-    Check { config: String, expect: CheckExpect },
+    Request {
+        req: Request,
+        repeat: u32,
+        expect: HttpExpect,
+        backends: BackendCount,
+    },
+    Grpc {
+        call: GrpcCall,
+        repeat: u32,
+        expect: GrpcExpect,
+        backends: BackendCount,
+    },
+    /// `hold_ms`: after the head, the connection stays open, unread, that long.
+    Raw {
+        data: Vec<u8>,
+        expect: RawExpect,
+        hold_ms: u64,
+    },
+    Reload {
+        config: String,
+        expect: ReloadExpect,
+    },
+    Check {
+        config: String,
+        expect: CheckExpect,
+    },
     Sleep(u64),
-    Signal { name: String, expect: SignalExpect },
+    Signal {
+        name: String,
+        expect: SignalExpect,
+    },
     StopBackend(String),
     Log(LogCheck),
     BackendStats(BTreeMap<String, StatsExpect>),
@@ -128,6 +184,21 @@ pub enum Step {
 }
 
 impl Step {
+    /// A step that acts on luagate (a log step checks what the last one caused);
+    /// `log`, `sleep_ms` and `backend_stats` only look or wait.
+    pub fn acts(&self) -> bool {
+        !matches!(self, Step::Log(_) | Step::Sleep(_) | Step::BackendStats(_))
+    }
+
+    /// Every file a `log` step reads (besides stderr), in this step and below it.
+    pub fn log_files(&self, out: &mut Vec<String>) {
+        match self {
+            Step::Log(LogCheck { file: Some(f), .. }) if !out.contains(f) => out.push(f.clone()),
+            Step::Parallel(branches) => branches.iter().flatten().for_each(|s| s.log_files(out)),
+            _ => {}
+        }
+    }
+
     /// Short description for failure messages.
     pub fn summary(&self) -> String {
         match self {
@@ -161,8 +232,9 @@ impl Step {
 #[derive(Debug, Clone)]
 pub enum BackendCount {
     Any,
-    /// Exact counts per backend name; unlisted backends must count 0.
-    Exact(BTreeMap<String, u32>),
+    /// Counts per backend name (a number, or a matcher such as `">=4"`); unlisted
+    /// backends must count 0.
+    Exact(BTreeMap<String, Matcher>),
     /// Every response came from the same backend (whichever it is).
     One,
 }
@@ -250,6 +322,8 @@ pub struct Request {
     pub body: Option<String>,
     /// A generated body of this many bytes (a-z pattern), instead of `body`.
     pub body_size: Option<usize>,
+    /// The loopback address the client connects from (e.g. `127.0.0.7`).
+    pub source_ip: Option<String>,
 }
 
 fn default_method() -> String {
@@ -356,8 +430,13 @@ pub struct RawExpect {
     pub status_line_contains: Option<String>,
     #[serde(default)]
     pub head_contains: OneOrMany,
-    /// The server closed the connection after its answer (or without one).
+    /// `true`: the server answered (a complete head), then closed the connection;
+    /// `false`: it answered and kept the connection open (watched for 2 s).
     pub closed: Option<bool>,
+    /// The server closed the connection without sending a byte. Without it, a raw
+    /// step fails when no complete response head arrives.
+    #[serde(default)]
+    pub no_answer: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -385,7 +464,10 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignalExpect {
+    /// Waits (10 s) for luagate to exit with this code.
     pub exit_code: Option<i32>,
+    /// With `exit_code`: the exit came within this many milliseconds of the signal.
+    pub exit_within_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -400,6 +482,18 @@ pub struct LogCheck {
     /// Some line of the file is a JSON object matching all these dotted paths.
     #[serde(default)]
     pub json: BTreeMap<String, Matcher>,
+    /// Where the search starts: by default at what was logged since the step
+    /// before it began (the step whose effect it checks; `sleep_ms`, `log` and
+    /// `backend_stats` steps are skipped over); `start`: the whole file.
+    pub since: Option<LogSince>,
+}
+
+/// `log.since`: where a log step's search starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogSince {
+    /// The beginning of the file.
+    Start,
 }
 
 /// Writes (replaces) a file of the case dir, e.g. a watched Lua script.
@@ -472,7 +566,7 @@ impl Vars {
     /// Placeholder values that only name-check (for validating a case before a run).
     pub fn dummy(backends: impl IntoIterator<Item = String>) -> Self {
         let mut m = BTreeMap::new();
-        for k in LISTENERS.iter().chain([&DEAD, &"dir"]) {
+        for k in LISTENERS.iter().chain([&DEAD, &BLACKHOLE, &"dir"]) {
             m.insert(k.to_string(), format!("<{k}>"));
         }
         for b in backends {
@@ -502,18 +596,32 @@ pub fn parse(text: &str, vars: Option<&Vars>) -> Result<Case, String> {
         }
     };
     for name in doc.backends.keys() {
-        if LISTENERS.contains(&name.as_str()) || name == DEAD || name == "dir" {
+        if LISTENERS.contains(&name.as_str()) || [DEAD, BLACKHOLE, "dir"].contains(&name.as_str()) {
             return Err(format!("backend name {name:?} is a reserved placeholder"));
         }
     }
-    let ctx = Ctx { backends: &doc.backends };
+    let ctx = Ctx { backends: &doc.backends, assertions: std::cell::Cell::new(0) };
     let steps = doc
         .steps
         .into_iter()
         .enumerate()
         .map(|(i, s)| ctx.step(s).map_err(|e| format!("step {}: {e}", i + 1)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Case { name: doc.name, backends: doc.backends, files: doc.files, config: doc.config, steps })
+    if ctx.assertions.get() == 0 {
+        return Err("the case asserts nothing beyond the defaults: give some step an `expect` (or \
+             expect_backends / expect_one_backend), or add a `log` or `backend_stats` step"
+            .into());
+    }
+    Ok(Case {
+        name: doc.name,
+        backends: doc.backends,
+        files: doc.files,
+        config: doc.config,
+        steps,
+        exit: doc.exit,
+        luagate_wrapper: doc.luagate_wrapper,
+        expect_failure: doc.expect_failure.map(|f| f.0),
+    })
 }
 
 /// Reads just the `skip:` reason of a case (for listing); errors are left for the run.
@@ -522,8 +630,17 @@ pub fn skip_reason(text: &str) -> Option<String> {
     v.get("skip")?.as_str().map(str::to_owned)
 }
 
+/// Reads just the `no_reload:` reason of a case: a case about reloads themselves,
+/// which reload mode's own reloads would change, is not listed in reload mode.
+pub fn no_reload_reason(text: &str) -> Option<String> {
+    let v: Value = serde_yaml_ng::from_str(text).ok()?;
+    v.get("no_reload")?.as_str().map(str::to_owned)
+}
+
 struct Ctx<'a> {
     backends: &'a BTreeMap<String, BackendKind>,
+    /// Steps seen so far that assert something beyond the defaults.
+    assertions: std::cell::Cell<usize>,
 }
 
 fn expect_as<T: serde::de::DeserializeOwned + Default>(v: Option<Value>) -> Result<T, String> {
@@ -585,8 +702,8 @@ impl Ctx<'_> {
                 "repeat/expect_backends/expect_one_backend only go with request or grpc, not {action}"
             ));
         }
-        if action != "raw" && s.raw_repeat_header.is_some() {
-            return Err("raw_repeat_header only goes with raw".into());
+        if action != "raw" && (s.raw_repeat_header.is_some() || s.raw_hold_ms.is_some()) {
+            return Err("raw_repeat_header and raw_hold_ms only go with raw".into());
         }
         let takes_expect = matches!(action, "request" | "grpc" | "raw" | "reload" | "check" | "signal");
         if !takes_expect && s.expect.is_some() {
@@ -594,6 +711,36 @@ impl Ctx<'_> {
         }
         let repeat = s.repeat.unwrap_or(1).max(1);
         let backends = self.backend_count(&s)?;
+        let explicit = s.expect.as_ref().is_some_and(|e| !e.is_null());
+        let asserts = match action {
+            "request" | "grpc" => explicit || !matches!(backends, BackendCount::Any),
+            "raw" | "reload" | "check" => explicit,
+            "signal" => explicit && s.expect.as_ref().and_then(|e| e.get("exit_code")).is_some_and(|c| !c.is_null()),
+            "log" => {
+                let l = s.log.as_ref().unwrap_or_else(|| unreachable!());
+                if l.contains.0.is_empty() && l.not_contains.0.is_empty() && l.json.is_empty() {
+                    return Err("log: give contains, not_contains or json".into());
+                }
+                true
+            }
+            "backend_stats" => {
+                let m = s.backend_stats.as_ref().unwrap_or_else(|| unreachable!());
+                let any = m.values().any(|e| {
+                    e.requests.is_some()
+                        || e.connections.is_some()
+                        || e.grpc_cancelled.is_some()
+                        || e.grpc_completed.is_some()
+                });
+                if !any {
+                    return Err("backend_stats: give at least one counter to check".into());
+                }
+                true
+            }
+            _ => false,
+        };
+        if asserts {
+            self.assertions.set(self.assertions.get() + 1);
+        }
         let step = match action {
             "request" => {
                 let req = s.request.unwrap_or_else(|| unreachable!());
@@ -613,7 +760,17 @@ impl Ctx<'_> {
                 if let Some(h) = s.raw_repeat_header {
                     data = insert_header(&data, &h);
                 }
-                Step::Raw { data, expect: expect_as(s.expect)? }
+                let expect: RawExpect = expect_as(s.expect)?;
+                let other = expect.closed.is_some()
+                    || expect.status_line_contains.is_some()
+                    || !expect.head_contains.0.is_empty();
+                if expect.no_answer && other {
+                    return Err("raw: no_answer excludes closed, status_line_contains and head_contains".into());
+                }
+                if s.raw_hold_ms.is_some() && expect.closed.is_some() {
+                    return Err("raw: raw_hold_ms excludes closed".into());
+                }
+                Step::Raw { data, expect, hold_ms: s.raw_hold_ms.unwrap_or(0) }
             }
             "reload" => Step::Reload { config: s.reload.unwrap_or_default(), expect: expect_as(s.expect)? },
             "check" => Step::Check {

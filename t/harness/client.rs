@@ -66,7 +66,8 @@ async fn read_body(mut body: hyper::body::Incoming, start: Instant) -> (Bytes, D
 }
 
 type Body = Full<Bytes>;
-type PoolKey = (SocketAddr, bool);
+/// Listener, TLS, the client's own address (`None`: the kernel's choice).
+type PoolKey = (SocketAddr, bool, Option<std::net::IpAddr>);
 
 /// HTTP client with one keep-alive pool per (listener, tls) for HTTP/1.1 and one
 /// shared multiplexed connection per (listener, tls) for HTTP/2.
@@ -95,21 +96,23 @@ impl HttpClient {
         version: HttpVersion,
         req: http::Request<Body>,
     ) -> Result<HttpResponse, String> {
-        let resp = self.send_allow_cut(addr, version, req).await?;
+        let resp = self.send_allow_cut(addr, version, req, None).await?;
         match resp.cut {
             Some(e) => Err(e),
             None => Ok(resp),
         }
     }
 
-    /// Like `send`, but a body cut before its end is reported in `cut`.
+    /// Like `send`, but a body cut before its end is reported in `cut`; `source`
+    /// is the loopback address to connect from (`None`: the kernel's choice).
     pub async fn send_allow_cut(
         &self,
         addr: SocketAddr,
         version: HttpVersion,
         req: http::Request<Body>,
+        source: Option<std::net::IpAddr>,
     ) -> Result<HttpResponse, String> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.send_inner(addr, version, req))
+        tokio::time::timeout(REQUEST_TIMEOUT, self.send_inner(addr, version, req, source))
             .await
             .map_err(|_| format!("no complete answer within {REQUEST_TIMEOUT:?} (hung)"))?
     }
@@ -119,10 +122,11 @@ impl HttpClient {
         addr: SocketAddr,
         version: HttpVersion,
         mut req: http::Request<Body>,
+        source: Option<std::net::IpAddr>,
     ) -> Result<HttpResponse, String> {
         let start = Instant::now();
         let tls = version.is_tls();
-        let key = (addr, tls);
+        let key = (addr, tls, source);
         let pq = req.uri().path_and_query().map_or("/".to_string(), |p| p.as_str().to_string());
         match version {
             HttpVersion::H1 | HttpVersion::TlsH1 => {
@@ -195,7 +199,7 @@ impl HttpClient {
             }
         }
         let tls = if key.1 { self.tls_h1.as_ref() } else { None };
-        let io = connect(key.0, tls, key.1).await?;
+        let io = connect(key.0, tls, key.1, key.2).await?;
         let (sender, conn) =
             http1::handshake(io).await.map_err(|e| format!("HTTP/1.1 handshake: {}", error_chain(&e)))?;
         tokio::spawn(conn);
@@ -210,7 +214,7 @@ impl HttpClient {
             }
         }
         let tls = if key.1 { self.tls_h2.as_ref() } else { None };
-        let io = connect(key.0, tls, key.1).await?;
+        let io = connect(key.0, tls, key.1, key.2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(8 << 20)
@@ -236,8 +240,20 @@ type Io = TokioIo<Box<dyn IoStream>>;
 pub trait IoStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoStream for T {}
 
-async fn connect(addr: SocketAddr, tls: Option<&tokio_rustls::TlsConnector>, want_tls: bool) -> Result<Io, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+async fn connect(
+    addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    want_tls: bool,
+    source: Option<std::net::IpAddr>,
+) -> Result<Io, String> {
+    let tcp = match source {
+        None => TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?,
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            sock.bind(SocketAddr::new(ip, 0)).map_err(|e| format!("binding the client to {ip}: {e}"))?;
+            sock.connect(addr).await.map_err(|e| format!("connect {addr} from {ip}: {e}"))?
+        }
+    };
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     if !want_tls {
         return Ok(TokioIo::new(Box::new(tcp)));
@@ -286,15 +302,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// What a raw TCP exchange produced.
 #[derive(Debug)]
 pub struct RawResponse {
-    /// The response head (up to and without the blank line), or what came before close.
-    pub head: String,
-    /// The server closed (or reset) the connection after its answer.
+    /// The complete response head (up to and without the blank line); `None` when
+    /// the connection closed before a head was complete.
+    pub head: Option<String>,
+    /// Without a complete head: the bytes that came before the close.
+    pub partial: Vec<u8>,
+    /// The server closed (or reset) the connection: after its answer, or without one.
     pub closed: bool,
 }
 
 /// Writes `data` on a fresh connection, reads the response head; with `watch_close`,
-/// keeps reading (up to 2 s) to see whether the server closes the connection.
-pub async fn raw(addr: SocketAddr, data: &[u8], watch_close: bool) -> Result<RawResponse, String> {
+/// keeps reading (up to 2 s) to see whether the server closes the connection; with
+/// `hold_ms`, keeps the connection open that long without reading, then closes it.
+pub async fn raw(addr: SocketAddr, data: &[u8], watch_close: bool, hold_ms: u64) -> Result<RawResponse, String> {
     let mut tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
     // The server may answer and close before reading everything: ignore write errors.
     let _ = tcp.write_all(data).await;
@@ -317,11 +337,14 @@ pub async fn raw(addr: SocketAddr, data: &[u8], watch_close: bool) -> Result<Raw
         }
     };
     let Some(end) = head_end else {
-        return Ok(RawResponse { head: String::from_utf8_lossy(&buf).into_owned(), closed: true });
+        return Ok(RawResponse { head: None, partial: buf, closed: true });
     };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let head = Some(String::from_utf8_lossy(&buf[..end]).into_owned());
+    if hold_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    }
     if !watch_close {
-        return Ok(RawResponse { head, closed: false });
+        return Ok(RawResponse { head, partial: Vec::new(), closed: false });
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let closed = loop {
@@ -331,7 +354,7 @@ pub async fn raw(addr: SocketAddr, data: &[u8], watch_close: bool) -> Result<Raw
             Ok(Ok(_)) => {}
         }
     };
-    Ok(RawResponse { head, closed })
+    Ok(RawResponse { head, partial: Vec::new(), closed })
 }
 
 /// The result of one gRPC call: status and every reply received before it.

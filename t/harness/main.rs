@@ -4,7 +4,8 @@
 //! every case is listed a second time as `reload/group/name`, re-run with a SIGHUP
 //! reload of the same config between every two steps. `reload/fifty_reloads_under_load`
 //! is a hand-written stress trial. `diff/<name>` trials (`t/diff/*.yaml`, `diff.rs`)
-//! compare luagate with real OpenResty. See `t/README.md`.
+//! compare luagate with real OpenResty. `selftest/<name>` trials (`t/selftest/*.yaml`)
+//! are cases the harness must fail: a broken luagate or a broken case. See `t/README.md`.
 
 mod case;
 mod client;
@@ -23,6 +24,11 @@ fn cases_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("t").join("cases")
 }
 
+/// Harness self-tests: cases the harness must fail (`t/selftest/*.yaml`).
+fn selftest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("t").join("selftest")
+}
+
 fn reload_mode() -> bool {
     std::env::var("LUAGATE_T_RELOAD").is_ok_and(|v| !v.is_empty() && v != "0")
 }
@@ -33,8 +39,10 @@ fn main() {
     match case::discover(&cases_dir()) {
         Ok(files) => {
             for file in files {
-                let skip = std::fs::read_to_string(&file.path).ok().and_then(|t| case::skip_reason(&t));
-                let modes: &[bool] = if reload_mode() { &[false, true] } else { &[false] };
+                let text = std::fs::read_to_string(&file.path).unwrap_or_default();
+                let skip = case::skip_reason(&text);
+                let reloadable = case::no_reload_reason(&text).is_none();
+                let modes: &[bool] = if reload_mode() && reloadable { &[false, true] } else { &[false] };
                 for &reload in modes {
                     let name = if reload { format!("reload/{}", file.id) } else { file.id.clone() };
                     let (id, path) = (file.id.clone(), file.path.clone());
@@ -46,6 +54,17 @@ fn main() {
         Err(e) => trials.push(Trial::test("cases", move || Err(Failed::from(e)))),
     }
     trials.push(Trial::test("reload/fifty_reloads_under_load", || reload_stress::run().map_err(Failed::from)));
+    match case::discover_flat(&selftest_dir()) {
+        Ok(files) => {
+            for file in files {
+                let name = format!("selftest/{}", file.id);
+                trials.push(Trial::test(name.clone(), move || {
+                    runner::run_selftest(&name, &file.path).map_err(Failed::from)
+                }));
+            }
+        }
+        Err(e) => trials.push(Trial::test("selftest", move || Err(Failed::from(e)))),
+    }
     trials.extend(diff::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     diff::shutdown();

@@ -1,7 +1,9 @@
 //! The luagate process fixture: starts `luagate run -c DIR/config.yaml` in the case
 //! directory with stdout and stderr captured to files, waits until its listeners
 //! accept, signals it (SIGHUP reloads with the `generation=N` / `reload refused`
-//! handshake, SIGTERM), reads its log, and stops it (SIGTERM, SIGKILL after 5 s).
+//! handshake, SIGTERM), reads its log, and stops it (SIGTERM, SIGKILL after 5 s),
+//! checking how it ended: a non-zero exit, a stop that needed SIGKILL or a panic
+//! fails the case unless the case expects it.
 //! Also runs `luagate check -c FILE`.
 
 use std::fs::File;
@@ -34,6 +36,39 @@ pub fn signal_number(name: &str) -> Option<i32> {
     })
 }
 
+/// How long luagate may take to exit after SIGTERM (and after SIGKILL).
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// How [`Luagate::stop`] found the process ending.
+#[derive(Debug, Clone, Copy)]
+pub enum Ending {
+    /// It had exited before the stop began.
+    AlreadyExited(ExitStatus),
+    /// It exited within [`STOP_WAIT`] of SIGTERM.
+    AfterTerm(ExitStatus),
+    /// It had to be killed.
+    Killed,
+}
+
+/// How a case expects luagate to end (the case's `exit:`); the default is a clean
+/// exit 0 on the final SIGTERM (or on a stopping signal a step sent), no panic.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitExpect {
+    /// The exit code (default 0).
+    #[serde(default)]
+    pub code: i32,
+    /// It may exit before any stopping signal.
+    #[serde(default)]
+    pub on_its_own: bool,
+    /// It may ignore SIGTERM (needing SIGKILL) or die by a signal.
+    #[serde(default)]
+    pub killed: bool,
+    /// `panicked at` may appear in its stderr.
+    #[serde(default)]
+    pub panic: bool,
+}
+
 /// How a reload ended.
 #[derive(Debug)]
 pub enum Reload {
@@ -57,11 +92,24 @@ pub struct Luagate {
 impl Luagate {
     /// Starts `luagate run -c DIR/config.yaml` (the file must exist) with DIR as cwd.
     pub fn start(dir: &Path) -> Result<Self, String> {
+        Self::start_wrapped(dir, None)
+    }
+
+    /// Like [`Luagate::start`], but through `sh WRAPPER BIN run -c …` when a wrapper
+    /// script is given: the harness self-tests use one to play a broken luagate.
+    pub fn start_wrapped(dir: &Path, wrapper: Option<&Path>) -> Result<Self, String> {
         let config = dir.join("config.yaml");
         let stderr = dir.join("stderr.log");
         let out = File::create(dir.join("stdout.log")).map_err(|e| e.to_string())?;
         let err = File::create(&stderr).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = Command::new("/bin/sh");
+                c.arg(w).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("run")
             .arg("-c")
             .arg(&config)
@@ -163,17 +211,47 @@ impl Luagate {
         }
     }
 
-    /// SIGTERM, then SIGKILL if still running after 5 s. Returns the exit status.
-    pub async fn stop(&self) -> Option<ExitStatus> {
+    /// SIGTERM, then SIGKILL if still running after [`STOP_WAIT`]: how it ended.
+    pub async fn stop(&self) -> Ending {
         if let Some(st) = self.exited() {
-            return Some(st);
+            return Ending::AlreadyExited(st);
         }
         let _ = self.signal(libc::SIGTERM);
-        if let Ok(st) = self.wait_exit(Duration::from_secs(5)).await {
-            return Some(st);
+        if let Ok(st) = self.wait_exit(STOP_WAIT).await {
+            return Ending::AfterTerm(st);
         }
         let _ = lock(&self.child).kill();
-        self.wait_exit(Duration::from_secs(5)).await.ok()
+        let _ = self.wait_exit(STOP_WAIT).await;
+        Ending::Killed
+    }
+
+    /// Stops luagate and checks how it ended against `expect`: a non-zero exit, a
+    /// death by signal, a stop that needed SIGKILL, an exit before any stopping
+    /// signal (`signalled` false) or `panicked at` in stderr fail unless expected.
+    pub async fn finish(&self, expect: &ExitExpect, signalled: bool) -> Result<(), String> {
+        let ending = self.stop().await;
+        let mut errors = Vec::new();
+        match ending {
+            Ending::AlreadyExited(st) if !signalled && !expect.on_its_own => {
+                errors.push(format!("luagate exited on its own, with no stopping signal ({st})"))
+            }
+            Ending::Killed if !expect.killed => {
+                errors.push(format!("luagate did not exit within {STOP_WAIT:?} of SIGTERM (stopped with SIGKILL)"))
+            }
+            _ => {}
+        }
+        if let Ending::AlreadyExited(st) | Ending::AfterTerm(st) = ending {
+            match (st.code(), expect.code) {
+                (Some(got), want) if got == want => {}
+                (Some(got), want) => errors.push(format!("luagate exit code: expected {want}, got {got}")),
+                (None, _) if expect.killed => {}
+                (None, _) => errors.push(format!("luagate died: {st}")),
+            }
+        }
+        if !expect.panic && self.stderr_text().contains("panicked at") {
+            errors.push("luagate panicked (`panicked at` in its stderr)".into());
+        }
+        crate::expect::done(errors)
     }
 
     /// The config generation of the last swap seen (1 at start).
@@ -260,14 +338,25 @@ pub fn tail(what: &str, text: &str, n: usize) -> String {
     format!("--- {what} (last {} of {} lines) ---\n{}", lines.len() - from, lines.len(), lines[from..].join("\n"))
 }
 
-/// Whether process `pid` holds a socket listening on `addr`'s port (Linux: its
-/// `/proc/PID/fd` links against `/proc/net/tcp*`); true where /proc is not there.
+/// Whether process `pid` or one of its descendants holds a socket listening on
+/// `addr`'s port (Linux: their `/proc/PID/fd` links against `/proc/net/tcp*`);
+/// true where /proc is not there.
 fn listens_on(pid: i32, addr: SocketAddr) -> bool {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return true };
-    let own: std::collections::HashSet<String> = fds
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
-        .collect();
+    if std::fs::read_dir(format!("/proc/{pid}/fd")).is_err() {
+        return true;
+    }
+    let mut own = std::collections::HashSet::new();
+    let mut pids = vec![pid];
+    while let Some(p) = pids.pop() {
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) {
+            own.extend(
+                fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned)),
+            );
+        }
+        let children = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        pids.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+    }
     let port = format!(":{:04X}", addr.port());
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
         std::fs::read_to_string(table).unwrap_or_default().lines().skip(1).any(|line| {

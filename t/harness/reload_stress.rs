@@ -15,7 +15,7 @@ use testbed::pb::EchoRequest;
 
 use crate::case::{BackendKind, HttpVersion};
 use crate::client::{echo_client, Echo, HttpClient, REQUEST_TIMEOUT};
-use crate::process::{Luagate, Reload};
+use crate::process::{ExitExpect, Luagate, Reload};
 use crate::runner::{free_ports, port_clash, runtime, spawn_backend, TempDir};
 
 const TRIAL: &str = "reload/fifty_reloads_under_load";
@@ -101,7 +101,12 @@ async fn stress() -> Result<(), String> {
     std::fs::write(dir.path().join("config.yaml"), &to_a).map_err(|e| e.to_string())?;
     let luagate = Luagate::start(dir.path())?;
     let result = drive(&luagate, listen, &to_a, &to_b).await;
-    let _ = luagate.stop().await;
+    let ending = luagate.finish(&ExitExpect::default(), false).await.map_err(|e| format!("after the reloads: {e}"));
+    let result = match (result, ending) {
+        (Ok(()), end) => end,
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(end)) => Err(format!("{e}\n{end}")),
+    };
     let tail = luagate.stderr_tail(40);
     match result {
         Ok(()) => Ok(()),

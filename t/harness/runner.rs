@@ -4,7 +4,7 @@
 //! The fixture pieces (temp dir, ports, certificate, runtime) are shared with
 //! `reload_stress`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use http_body_util::Full;
 use rustls::pki_types::CertificateDer;
 use testbed::{Backend, Stats};
 
-use crate::case::{self, BackendKind, Step, Vars, DEAD, LISTENERS};
+use crate::case::{self, BackendCount, BackendKind, LogSince, Step, Vars, BLACKHOLE, DEAD, LISTENERS};
 use crate::client::{self, GrpcClients, HttpClient};
 use crate::expect;
 use crate::process::{self, Luagate, Reload};
@@ -89,6 +89,33 @@ pub fn dead_port() -> Result<(tokio::net::TcpSocket, SocketAddr), String> {
     Ok((sock, addr))
 }
 
+/// A loopback address whose TCP handshake never completes, held for the whole case: a
+/// listener with a backlog of 0 whose one queue slot is taken by a connection never
+/// accepted, so the kernel drops every further SYN. A connect to it lasts until the
+/// connecting side's own timeout, as to a peer that is down behind a firewall.
+pub struct Blackhole {
+    _listener: tokio::net::TcpListener,
+    _filler: std::net::TcpStream,
+    pub addr: SocketAddr,
+}
+
+impl Blackhole {
+    pub fn new() -> Result<Self, String> {
+        let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        sock.bind(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(|e| format!("blackhole bind: {e}"))?;
+        let addr = sock.local_addr().map_err(|e| e.to_string())?;
+        let listener = sock.listen(0).map_err(|e| format!("blackhole listen: {e}"))?;
+        let filler = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("filling the blackhole's queue: {e}"))?;
+        // The queue is full now: a further connect must not complete.
+        let probe = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100));
+        if probe.is_ok() {
+            return Err("blackhole: a second connection completed; the kernel does not drop SYNs here".into());
+        }
+        Ok(Self { _listener: listener, _filler: filler, addr })
+    }
+}
+
 /// Writes a self-signed certificate for localhost/127.0.0.1 to `dir/cert.pem` and
 /// `dir/key.pem`; returns it for the client to trust.
 pub fn write_cert(dir: &Path) -> Result<CertificateDer<'static>, String> {
@@ -154,13 +181,54 @@ pub fn run_trial(id: &str, path: &Path, reload_between: bool) -> Result<(), Stri
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let rt = runtime()?;
     let trial = if reload_between { format!("reload/{id}") } else { id.to_string() };
-    let mut result = rt.block_on(run_case(&trial, path, &text, reload_between));
+    let mut result = rt.block_on(run_case(&trial, path, &text, reload_between, false));
     // A port allocated and released can be taken by someone else before luagate binds
     // it: start over once with fresh ports.
     if result.as_ref().is_err_and(|e| port_clash(e)) {
-        result = rt.block_on(run_case(&trial, path, &text, reload_between));
+        result = rt.block_on(run_case(&trial, path, &text, reload_between, false));
     }
     result
+}
+
+/// Runs a harness self-test (`t/selftest/NAME.yaml`, trial `selftest/NAME`): a case
+/// that plays a broken luagate or is itself broken, which the harness must fail
+/// with every text of its `expect_failure` in the error.
+pub fn run_selftest(id: &str, path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let rt = runtime()?;
+    let want = match case::parse(&text, None) {
+        Ok(c) => c.expect_failure.ok_or("a self-test needs expect_failure")?,
+        // A case the parser refuses: its expect_failure is read from the YAML alone.
+        Err(e) => {
+            let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())?;
+            let want: Vec<String> = match v.get("expect_failure") {
+                Some(serde_yaml_ng::Value::String(s)) => vec![s.clone()],
+                Some(other) => serde_yaml_ng::from_value(other.clone()).map_err(|e| e.to_string())?,
+                None => return Err(format!("a self-test needs expect_failure; the case was refused: {e}")),
+            };
+            let missing = expect::missing(&e, &want);
+            return if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("the harness refused the case, but its error lacks {missing:?}:\n{e}"))
+            };
+        }
+    };
+    let mut result = rt.block_on(run_case(id, path, &text, false, true));
+    if result.as_ref().is_err_and(|e| port_clash(e)) {
+        result = rt.block_on(run_case(id, path, &text, false, true));
+    }
+    match result {
+        Ok(()) => Err(format!("the harness passed a case it must fail (expected an error with {want:?})")),
+        Err(e) => {
+            let missing = expect::missing(&e, &want);
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("the case failed, but not with {missing:?}:\n{e}"))
+            }
+        }
+    }
 }
 
 /// luagate could not start because a listener port was taken meanwhile.
@@ -169,8 +237,11 @@ pub fn port_clash(error: &str) -> bool {
         && (error.contains("Address already in use") || error.contains("os error 98"))
 }
 
-async fn run_case(trial: &str, path: &Path, text: &str, reload_between: bool) -> Result<(), String> {
+async fn run_case(trial: &str, path: &Path, text: &str, reload_between: bool, selftest: bool) -> Result<(), String> {
     let plain = case::parse(text, None).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !selftest && (plain.luagate_wrapper.is_some() || plain.expect_failure.is_some()) {
+        return Err(format!("{}: luagate_wrapper and expect_failure are for t/selftest cases only", path.display()));
+    }
     let mut dir = TempDir::new(trial)?;
     let mut vars = Vars::default();
     // Backends first: they keep their ports, so the free ones picked next differ.
@@ -190,6 +261,9 @@ async fn run_case(trial: &str, path: &Path, text: &str, reload_between: bool) ->
     }
     let (dead_socket, dead) = dead_port()?;
     vars.0.insert(DEAD.into(), dead.to_string());
+    let blackhole = if text.contains("${blackhole}") { Some(Blackhole::new()?) } else { None };
+    let blackhole_addr = blackhole.as_ref().map_or_else(|| "<no blackhole>".to_string(), |b| b.addr.to_string());
+    vars.0.insert(BLACKHOLE.into(), blackhole_addr);
     vars.0.insert("dir".into(), dir.path().display().to_string());
     let case = case::parse(text, Some(&vars)).map_err(|e| format!("{}: {e}", path.display()))?;
     for (rel, content) in &case.files {
@@ -204,7 +278,17 @@ async fn run_case(trial: &str, path: &Path, text: &str, reload_between: bool) ->
     let ready: Vec<SocketAddr> =
         LISTENERS.iter().filter(|l| plain.config.contains(&format!("${{{l}}}"))).map(|l| listeners[*l]).collect();
 
-    let luagate = Luagate::start(dir.path())?;
+    let wrapper = match &case.luagate_wrapper {
+        Some(script) => {
+            let p = dir.path().join("luagate_wrapper.sh");
+            std::fs::write(&p, script).map_err(|e| e.to_string())?;
+            Some(p)
+        }
+        None => None,
+    };
+    let luagate = Luagate::start_wrapped(dir.path(), wrapper.as_deref())?;
+    let mut log_files = vec![STDERR.to_string()];
+    case.steps.iter().for_each(|s| s.log_files(&mut log_files));
     let run = Run {
         luagate,
         listeners,
@@ -216,27 +300,27 @@ async fn run_case(trial: &str, path: &Path, text: &str, reload_between: bool) ->
         good_config: Mutex::new(case.config.clone()),
         dir: dir.path().to_path_buf(),
         terminated: AtomicBool::new(false),
+        log_files,
+        deferred: Mutex::new(Vec::new()),
     };
     let mut result = async {
         run.luagate.wait_ready(&ready).await?;
-        run.steps(&case.steps, "", reload_between).await
+        run.steps(&case.steps, "", reload_between, Marks::default()).await
     }
     .await;
-    if result.is_ok() {
-        if let Some(st) = run.luagate.exited() {
-            if !run.terminated.load(Ordering::SeqCst) {
-                result = Err(format!("luagate exited unexpectedly ({st})"));
-            }
-        }
-    }
     run.http.clear();
-    let _ = run.luagate.stop().await;
-    if result.is_ok() && run.luagate.stderr_text().contains("panicked at") {
-        result = Err("luagate panicked (see stderr)".into());
-    }
+    // How luagate ends is checked even when a step failed: a crash explains a failure.
+    let ending = run.luagate.finish(&case.exit, run.terminated.load(Ordering::SeqCst)).await;
+    let late = run.recheck_not_contains();
+    result = match (result, ending.and(late)) {
+        (Ok(()), end) => end.map_err(|e| format!("after the steps: {e}")),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(end)) => Err(format!("{e}\nand after the steps: {end}")),
+    };
     let tail = run.luagate.stderr_tail(40);
     drop(run);
     drop(dead_socket);
+    drop(blackhole);
     match result {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -262,6 +346,37 @@ struct Run {
     dir: PathBuf,
     /// A stopping signal was sent: exiting is expected, reload mode pauses.
     terminated: AtomicBool,
+    /// The files log steps read, `stderr.log` first (names relative to `dir`).
+    log_files: Vec<String>,
+    /// Every `not_contains` a log step checked, checked again once luagate has exited.
+    deferred: Mutex<Vec<Deferred>>,
+}
+
+/// luagate's stderr, in the case directory.
+const STDERR: &str = "stderr.log";
+
+/// How long each log file was when a step began: a log step searches from there.
+#[derive(Debug, Clone, Default)]
+struct Marks(BTreeMap<String, u64>);
+
+impl Marks {
+    /// Where the search of `file` starts (0 for a file that is shorter now: rotated).
+    fn from(&self, file: &str, len: usize) -> usize {
+        let at = self.0.get(file).copied().unwrap_or(0) as usize;
+        if at > len {
+            0
+        } else {
+            at
+        }
+    }
+}
+
+/// A `not_contains` to check again at the end of the case.
+struct Deferred {
+    label: String,
+    file: String,
+    from: Marks,
+    needles: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -283,17 +398,64 @@ fn pattern(n: usize) -> Vec<u8> {
 }
 
 impl Run {
-    fn steps<'a>(&'a self, steps: &'a [Step], prefix: &'a str, reload_between: bool) -> StepFuture<'a> {
+    /// Runs `steps` in order; `anchor` is where a leading log step's search starts.
+    fn steps<'a>(
+        &'a self,
+        steps: &'a [Step],
+        prefix: &'a str,
+        reload_between: bool,
+        mut anchor: Marks,
+    ) -> StepFuture<'a> {
         Box::pin(async move {
             for (i, step) in steps.iter().enumerate() {
                 let label = format!("{prefix}{}", i + 1);
                 if reload_between && i > 0 && self.alive() {
                     self.reload_same().await.map_err(|e| format!("reload mode: SIGHUP before step {label}: {e}"))?;
                 }
-                self.step(step, &label).await.map_err(|e| format!("step {label} ({}): {e}", step.summary()))?;
+                if step.acts() {
+                    anchor = self.marks();
+                }
+                self.step(step, &label, &anchor)
+                    .await
+                    .map_err(|e| format!("step {label} ({}): {e}", step.summary()))?;
             }
             Ok(())
         })
+    }
+
+    /// The current length of every log file the case reads.
+    fn marks(&self) -> Marks {
+        Marks(
+            self.log_files
+                .iter()
+                .map(|f| (f.clone(), std::fs::metadata(self.dir.join(f)).map(|m| m.len()).unwrap_or(0)))
+                .collect(),
+        )
+    }
+
+    /// A log file's text from byte `from` on (lossy, ANSI colours removed), and its length.
+    fn log_text(&self, file: &str, from: &Marks) -> String {
+        let raw = std::fs::read(self.dir.join(file)).unwrap_or_default();
+        let at = from.from(file, raw.len());
+        process::strip_ansi(&String::from_utf8_lossy(&raw[at..]))
+    }
+
+    /// Checks every deferred `not_contains` over what was logged from its step on.
+    fn recheck_not_contains(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for d in lock(&self.deferred).iter() {
+            let text = self.log_text(&d.file, &d.from);
+            let found: Vec<&String> = d.needles.iter().filter(|n| text.contains(n.as_str())).collect();
+            if !found.is_empty() {
+                errors.push(format!(
+                    "{} contains {found:?}, which the log step {} said must not be there (logged after that step ran)\n{}",
+                    d.file,
+                    d.label,
+                    process::tail(&d.file, &text, 20)
+                ));
+            }
+        }
+        expect::done(errors)
     }
 
     fn alive(&self) -> bool {
@@ -312,7 +474,7 @@ impl Run {
         self.listeners.get(name).copied().ok_or_else(|| format!("unknown listener {name:?}"))
     }
 
-    async fn step(&self, step: &Step, label: &str) -> Result<(), String> {
+    async fn step(&self, step: &Step, label: &str, anchor: &Marks) -> Result<(), String> {
         match step {
             Step::Request { req, repeat, expect, backends } => {
                 let default = if req.http.is_tls() { "listen_tls" } else { "listen" };
@@ -324,21 +486,32 @@ impl Run {
                 });
                 let mut counts = BTreeMap::new();
                 for k in 0..*repeat {
-                    let mut b = http::Request::builder().method(req.method.as_str()).uri(req.path.as_str());
+                    // `{{n}}` in the path, a header value or source_ip is the answer's number, 1 to repeat.
+                    let n = |s: &str| s.replace("{{n}}", &(k + 1).to_string());
+                    let mut b = http::Request::builder().method(req.method.as_str()).uri(n(&req.path).as_str());
                     for (name, values) in &req.headers {
                         for v in &values.0 {
-                            b = b.header(name.as_str(), v.as_str());
+                            b = b.header(name.as_str(), n(v).as_str());
                         }
                     }
+                    let source = match &req.source_ip {
+                        Some(ip) => Some(n(ip).parse().map_err(|e| format!("source_ip {ip:?}: {e}"))?),
+                        None => None,
+                    };
                     let r = b.body(Full::new(body.clone())).map_err(|e| format!("cannot build the request: {e}"))?;
-                    let resp = self.http.send_allow_cut(addr, req.http, r).await.map_err(|e| nth(k, *repeat, e))?;
+                    let resp =
+                        self.http.send_allow_cut(addr, req.http, r, source).await.map_err(|e| nth(k, *repeat, e))?;
                     expect::check_http(expect, &resp, &body).map_err(|e| nth(k, *repeat, e))?;
-                    if let Some(v) = resp.headers.get("x-backend") {
+                    if !matches!(backends, BackendCount::Any) {
+                        let Some(v) = resp.headers.get("x-backend") else {
+                            let e = "the answer has no x-backend header, so it cannot be counted".to_string();
+                            return Err(nth(k, *repeat, e));
+                        };
                         let name = String::from_utf8_lossy(v.as_bytes()).into_owned();
                         *counts.entry(name).or_insert(0) += 1;
                     }
                 }
-                expect::check_backends(backends, &counts, self.backend_names.iter().cloned())
+                expect::check_backends(backends, &counts, *repeat, self.backend_names.iter().cloned())
             }
             Step::Grpc { call, repeat, expect, backends } => {
                 let addr = self.listener(call.listener.as_deref().unwrap_or("listen"))?;
@@ -346,15 +519,30 @@ impl Run {
                 for k in 0..*repeat {
                     let out = self.grpc.call(addr, call).await.map_err(|e| nth(k, *repeat, e))?;
                     expect::check_grpc(expect, &out).map_err(|e| nth(k, *repeat, e))?;
-                    if let Some(r) = out.replies.first() {
-                        *counts.entry(r.backend.clone()).or_insert(0) += 1;
+                    if !matches!(backends, BackendCount::Any) {
+                        let named: BTreeSet<&str> = out.replies.iter().map(|r| r.backend.as_str()).collect();
+                        let backend = match named.into_iter().collect::<Vec<_>>()[..] {
+                            [one] if !one.is_empty() => one.to_string(),
+                            [] => {
+                                return Err(nth(
+                                    k,
+                                    *repeat,
+                                    "no reply names a backend, so the call cannot be counted".into(),
+                                ))
+                            }
+                            ref several => {
+                                let e = format!("the replies of one call name different backends {several:?}");
+                                return Err(nth(k, *repeat, e));
+                            }
+                        };
+                        *counts.entry(backend).or_insert(0) += 1;
                     }
                 }
-                expect::check_backends(backends, &counts, self.backend_names.iter().cloned())
+                expect::check_backends(backends, &counts, *repeat, self.backend_names.iter().cloned())
             }
-            Step::Raw { data, expect } => {
+            Step::Raw { data, expect, hold_ms } => {
                 let addr = self.listener("listen")?;
-                let resp = client::raw(addr, data, expect.closed.is_some()).await?;
+                let resp = client::raw(addr, data, expect.closed.is_some(), *hold_ms).await?;
                 expect::check_raw(expect, &resp)
             }
             Step::Reload { config, expect } => match self.luagate.reload(Some(config)).await? {
@@ -403,12 +591,21 @@ impl Run {
                 if sig != libc::SIGHUP && sig != libc::SIGUSR1 {
                     self.terminated.store(true, Ordering::SeqCst);
                 }
+                let sent = std::time::Instant::now();
                 self.luagate.signal(sig)?;
                 if let Some(want) = expect.exit_code {
                     let st = self.luagate.wait_exit(EXIT_WAIT).await?;
+                    let took = sent.elapsed();
                     if st.code() != Some(want) {
                         return Err(format!("exit: expected code {want}, got {st}"));
                     }
+                    if let Some(ms) = expect.exit_within_ms {
+                        if took > Duration::from_millis(ms) {
+                            return Err(format!("exit: expected within {ms} ms of the signal, took {took:?}"));
+                        }
+                    }
+                } else if expect.exit_within_ms.is_some() {
+                    return Err("exit_within_ms goes with exit_code".into());
                 }
                 Ok(())
             }
@@ -422,7 +619,7 @@ impl Run {
                     None => Err(format!("backend {name} is already stopped")),
                 }
             }
-            Step::Log(check) => self.log(check).await,
+            Step::Log(check) => self.log(check, label, anchor).await,
             Step::WriteFile(w) => {
                 let p = self.dir.join(&w.path);
                 if let Some(parent) = p.parent() {
@@ -453,7 +650,10 @@ impl Run {
             }
             Step::Parallel(branches) => {
                 let prefixes: Vec<String> = (1..=branches.len()).map(|b| format!("{label}.{b}.")).collect();
-                let runs = branches.iter().zip(&prefixes).map(|(steps, prefix)| self.steps(steps, prefix, false));
+                let runs = branches
+                    .iter()
+                    .zip(&prefixes)
+                    .map(|(steps, prefix)| self.steps(steps, prefix, false, anchor.clone()));
                 let errors: Vec<String> =
                     futures_util::future::join_all(runs).await.into_iter().filter_map(Result::err).collect();
                 if errors.is_empty() {
@@ -465,21 +665,32 @@ impl Run {
         }
     }
 
-    async fn log(&self, check: &case::LogCheck) -> Result<(), String> {
-        let name = check.file.as_deref().unwrap_or("stderr.log");
-        let path = self.dir.join(name);
+    async fn log(&self, check: &case::LogCheck, label: &str, anchor: &Marks) -> Result<(), String> {
+        let name = check.file.as_deref().unwrap_or(STDERR);
+        let from = match check.since {
+            Some(LogSince::Start) => Marks::default(),
+            None => anchor.clone(),
+        };
+        if !check.not_contains.0.is_empty() {
+            lock(&self.deferred).push(Deferred {
+                label: label.to_string(),
+                file: name.to_string(),
+                from: from.clone(),
+                needles: check.not_contains.0.clone(),
+            });
+        }
+        let scope = if check.since.is_some() { "" } else { " since the step before this one began" };
         let deadline = tokio::time::Instant::now() + LOG_WAIT;
         loop {
-            let raw = std::fs::read(&path).unwrap_or_default();
-            let text = process::strip_ansi(&String::from_utf8_lossy(&raw));
+            let text = self.log_text(name, &from);
             let missing = expect::missing(&text, &check.contains.0);
             let json_ok = check.json.is_empty() || expect::json_line_matches(&text, &check.json);
+            let found: Vec<&String> = check.not_contains.0.iter().filter(|n| text.contains(n.as_str())).collect();
+            if !found.is_empty() {
+                return Err(format!("{name} contains {found:?}{scope}\n{}", process::tail(name, &text, 20)));
+            }
             if missing.is_empty() && json_ok {
-                let found: Vec<&String> = check.not_contains.0.iter().filter(|n| text.contains(n.as_str())).collect();
-                if found.is_empty() {
-                    return Ok(());
-                }
-                return Err(format!("{name} contains {found:?}\n{}", process::tail(name, &text, 20)));
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 let mut what = Vec::new();
@@ -490,9 +701,9 @@ impl Run {
                     what.push(format!("has no JSON line matching {}", expect::show_map(&check.json)));
                 }
                 return Err(format!(
-                    "{name} {} after {LOG_WAIT:?}\n{}",
+                    "{name} {}{scope} after {LOG_WAIT:?}\n{}",
                     what.join(" and "),
-                    process::tail(name, &text, 20)
+                    process::tail(&format!("{name}{scope}"), &text, 20)
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -125,6 +125,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
         access_log,
         shutdown_grace,
         trusted_proxies,
+        merge_slashes: cfg.merge_slashes.unwrap_or(true),
         limits,
         listeners,
         routes,
@@ -353,7 +354,7 @@ impl Compiler {
             self.check_path(&format!("{mkey}.path_prefix"), p);
             PathMatch::Prefix { prefix: p.clone(), stop_regex: m.stop_regex.unwrap_or(false) }
         } else if let Some(re) = &m.path_regex {
-            match Regex::new(re) {
+            match regex::bytes::Regex::new(re) {
                 Ok(re) => PathMatch::Regex(re),
                 Err(e) => {
                     self.err(

@@ -508,6 +508,27 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_bytes() {
+        // A normalised path need not be UTF-8 (`/%ff` decodes to one byte 0xff).
+        let t = table(vec![exact("/caf\u{e9}"), prefix("/admin"), prefix("/")]);
+        let headers = HeaderMap::new();
+        let find = |path: &[u8]| {
+            t.find(&MatchInput {
+                listener: "main",
+                host: "x",
+                path,
+                method: &Method::GET,
+                headers: &headers,
+                grpc: None,
+            })
+        };
+        assert_eq!(find(b"/admin/\xff"), Some(1));
+        assert_eq!(find("/caf\u{e9}".as_bytes()), Some(0));
+        assert_eq!(find(b"/caf\xe9"), Some(2), "Latin-1 bytes are not the UTF-8 path");
+        assert_eq!(find(b"/\xff"), Some(2));
+    }
+
+    #[test]
     fn unmatched_path_gives_none() {
         let t = table(vec![prefix("/api"), exact("/x"), regex("^/r")]);
         assert_eq!(at(&t, "/other"), None);

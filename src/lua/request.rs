@@ -112,6 +112,16 @@ impl LuaRequest {
         Ok(())
     }
 
+    /// The normalised path of a request whose raw path was not canonical; with
+    /// `rewrite`, it also replaces the path that goes upstream (escaped).
+    pub fn set_normalised(&mut self, path: Vec<u8>, rewrite: bool) -> Result<(), http::Error> {
+        if rewrite {
+            self.parts.uri = crate::protocol::uri::with_path(&self.parts.uri, &path)?;
+        }
+        self.decoded_uri = Some(path);
+        Ok(())
+    }
+
     /// Wall-clock start in seconds since the epoch (`ngx.req.start_time`), derived
     /// when asked rather than read from the clock for every request.
     pub fn start_epoch(&self) -> f64 {

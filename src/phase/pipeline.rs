@@ -4,9 +4,10 @@
 //! accept ─► path normalise ─► route match ─► [return] ─► balancer ─► upstream ─► response ─► log
 //! ```
 //! Routes match the normalised path (`protocol::uri`, nginx's `$uri`). What
-//! goes upstream is the client's request target when its path was already
-//! canonical, else the normalised path re-escaped with the original query: a
-//! route and its upstream never disagree about which resource was asked for.
+//! goes upstream is the client's request target when decoding its path once
+//! gives the normalised path (`uri::decodes_to`), else the normalised path
+//! re-escaped with the original query: a route and its upstream never
+//! disagree about which resource was asked for.
 //! The snapshot is loaded once, at the start; the request keeps it to its
 //! end, so a reload never changes a request halfway. The log phase runs when
 //! the response body ends or is dropped (see `body::ResponseBody`), so it
@@ -125,16 +126,20 @@ pub async fn handle(
         return Ok(respond::error(&err, is_grpc, guard.0.take()));
     };
     // None: the raw path is the normalised one (the usual case, nothing allocated).
-    let normalised = match path {
-        Cow::Borrowed(_) => None,
-        Cow::Owned(p) => Some(p),
+    // `rewrite`: the raw path cannot go upstream as sent.
+    let (normalised, rewrite) = match path {
+        Cow::Borrowed(_) => (None, false),
+        Cow::Owned(p) => {
+            let rewrite = !uri::decodes_to(parts.uri.path().as_bytes(), &p);
+            (Some(p), rewrite)
+        }
     };
     drop(host);
     if let Some(log) = &mut guard.0 {
         log.route = Some(Arc::clone(&route.name));
     }
     if route.lua.is_none() {
-        if let Some(p) = &normalised {
+        if let Some(p) = normalised.as_ref().filter(|_| rewrite) {
             match uri::with_path(&parts.uri, p) {
                 Ok(u) => parts.uri = u,
                 Err(e) => return Ok(respond::error(&ProxyError::BadRequest(e.to_string()), is_grpc, guard.0.take())),
@@ -153,8 +158,8 @@ pub async fn handle(
         Err(e) => return Ok(respond::error(&e, is_grpc, guard.0.take())),
     };
     // Scripts read the normalised path as `ngx.var.uri`; `ngx.var.request_uri` keeps the raw one.
-    if let Some(p) = &normalised {
-        if let Err(e) = lua.req.borrow_mut().set_uri(p) {
+    if let Some(p) = normalised {
+        if let Err(e) = lua.req.borrow_mut().set_normalised(p, rewrite) {
             return Ok(respond::error(&ProxyError::BadRequest(e.to_string()), is_grpc, guard.0.take()));
         }
     }

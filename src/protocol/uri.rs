@@ -195,6 +195,34 @@ pub fn escape(path: &[u8]) -> String {
     out
 }
 
+/// True when `raw`, percent-decoded once, is exactly `normalised` and holds
+/// no escaped `/`: every backend that decodes once (and resolves dot segments
+/// or not) then sees the path the route matched, so `raw` may go upstream as
+/// the client sent it (`/p/%7Euser` does; `/a/%2e%2e/b`, `/a//b`, `/a%2Fb` do not).
+pub fn decodes_to(raw: &[u8], normalised: &[u8]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        let b = if raw[i] == b'%' {
+            let (Some(hi), Some(lo)) = (raw.get(i + 1).and_then(hex), raw.get(i + 2).and_then(hex)) else {
+                return false;
+            };
+            i += 3;
+            match hi << 4 | lo {
+                b'/' => return false,
+                b => b,
+            }
+        } else {
+            i += 1;
+            raw[i - 1]
+        };
+        if normalised.get(j) != Some(&b) {
+            return false;
+        }
+        j += 1;
+    }
+    j == normalised.len()
+}
+
 /// Plain percent-decoding of a path luagate built itself (a canonical raw
 /// path or an [`escape`]d one): borrowed when there is no `%`.
 pub fn decode(path: &[u8]) -> Cow<'_, [u8]> {
@@ -329,6 +357,19 @@ mod tests {
     }
 
     #[test]
+    fn raw_path_kept_only_when_one_decoding_gives_the_normalised_one() {
+        let kept = |p: &str| decodes_to(p.as_bytes(), &normalize(p.as_bytes(), true).unwrap());
+        assert!(kept("/p/%7Euser/%C3%A9"));
+        assert!(kept("/a%20b%25c%3Fd"));
+        assert!(kept("/public/%252e%252e/admin"));
+        assert!(!kept("/a%2Fb"), "an escaped slash is a separator to us, not to every backend");
+        assert!(!kept("/a/%2e%2e/b"));
+        assert!(!kept("/a/./%41"));
+        assert!(!kept("//%41"));
+        assert!(!kept("/%41/.."));
+    }
+
+    #[test]
     fn with_path_keeps_query_and_authority() {
         let uri: http::Uri = "http://h:1/x/../y?a=%20b".parse().unwrap();
         let got = with_path(&uri, b"/y z").unwrap();
@@ -397,6 +438,7 @@ mod tests {
         ];
         let mut rng = fastrand::Rng::with_seed(0x5eed_0f01);
         let mut normalised = 0;
+        let mut kept = 0;
         for _ in 0..20_000 {
             let n = rng.usize(1..10);
             let mut p = String::from("/");
@@ -415,6 +457,11 @@ mod tests {
                     let again = escape(&n);
                     assert_eq!(normalize(again.as_bytes(), merge).as_deref(), Ok(&n[..]), "{p:?} -> {again:?}");
                     assert_eq!(decode(again.as_bytes()).as_ref(), &n[..]);
+                    if decodes_to(p.as_bytes(), &n) {
+                        assert_eq!(decode(p.as_bytes()).as_ref(), &n[..], "{p:?}");
+                        assert!(!p.to_ascii_lowercase().contains("%2f"), "{p:?}");
+                        kept += 1;
+                    }
                     assert!(!n.split(|&b| b == b'/').any(|s| s == b"." || s == b".."), "{p:?}");
                     if merge {
                         assert!(!n.windows(2).any(|w| w == b"//"), "{p:?}");
@@ -424,5 +471,6 @@ mod tests {
         }
         // The pieces that fail (`%00`, `%zz`, ...) must leave enough paths that normalise.
         assert!(normalised > 10_000, "only {normalised} paths normalised");
+        assert!(kept > 1_000, "only {kept} raw paths decode to their normalised form");
     }
 }

@@ -16,7 +16,9 @@
 //! [`normalize`] takes a fast path for a path that is already canonical (no
 //! `%`, no dot segment, no `//`): it is returned borrowed, with no allocation.
 //! [`escape`] re-escapes a decoded path for the request line (nginx's
-//! `NGX_ESCAPE_URI`), so that decoding it once gives back exactly that path.
+//! `NGX_ESCAPE_URI`), so that decoding it once gives back exactly that path;
+//! [`decodes_to`] tells whether a raw path that was not canonical may still go
+//! upstream as sent (decoding it once gives the normalised path).
 
 use std::borrow::Cow;
 

@@ -13,6 +13,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use luagate::lua::{self, Grants, LuaRequest, Phase, Script};
 use luagate::phase::headers;
+use luagate::protocol::uri;
 use luagate::route::{HostPattern, MatchInput, PathMatch, RouteMatch, RouteTable};
 use luagate::upstream::balancer::{Balancer, Peer, PeerStats, PickInput, Policy};
 
@@ -26,7 +27,7 @@ fn route_table(n: usize) -> RouteTable {
         });
     }
     routes.push(RouteMatch {
-        path: PathMatch::Regex(regex::Regex::new("^/static/.*\\.css$").expect("re")),
+        path: PathMatch::Regex(regex::bytes::Regex::new("^/static/.*\\.css$").expect("re")),
         ..Default::default()
     });
     routes.push(RouteMatch::default());
@@ -42,7 +43,7 @@ fn bench_route_match(c: &mut Criterion) {
             let input = MatchInput {
                 listener: "main",
                 host: "svc7.example.com",
-                path: black_box("/api/v1/items97/detail"),
+                path: black_box(b"/api/v1/items97/detail"),
                 method: &method,
                 headers: &headers,
                 grpc: None,
@@ -55,13 +56,24 @@ fn bench_route_match(c: &mut Criterion) {
             let input = MatchInput {
                 listener: "main",
                 host: "other.example.org",
-                path: black_box("/static/site.css"),
+                path: black_box(b"/static/site.css"),
                 method: &method,
                 headers: &headers,
                 grpc: None,
             };
             black_box(table.find(&input))
         })
+    });
+}
+
+/// The path normaliser runs on every request before route match: the
+/// canonical case must stay a borrow-only scan.
+fn bench_uri_normalize(c: &mut Criterion) {
+    c.bench_function("uri_normalize_canonical_22b", |b| {
+        b.iter(|| black_box(uri::normalize(black_box(b"/api/v1/items97/detail"), true)).is_ok())
+    });
+    c.bench_function("uri_normalize_dot_segments_and_escapes_30b", |b| {
+        b.iter(|| black_box(uri::normalize(black_box(b"/api/./v1//items97/../%64etail"), true)).is_ok())
     });
 }
 
@@ -194,5 +206,12 @@ fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-criterion_group!(hot_paths, bench_route_match, bench_balancer, bench_header_rewrite, bench_lua_hook);
+criterion_group!(
+    hot_paths,
+    bench_uri_normalize,
+    bench_route_match,
+    bench_balancer,
+    bench_header_rewrite,
+    bench_lua_hook
+);
 criterion_main!(hot_paths);

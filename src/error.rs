@@ -23,6 +23,13 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The path cannot be normalised (`protocol::uri`): 400, as nginx.
+    #[error("bad request path: {0}")]
+    BadPath(#[from] crate::protocol::uri::UriError),
+    /// A gRPC call whose path is not exactly `/service/method`: refused rather
+    /// than normalised into another method.
+    #[error("gRPC path {path:?} is not canonical (/package.Service/Method)")]
+    GrpcPath { path: String },
     #[error("no live peer in upstream {upstream}")]
     NoPeer { upstream: String },
     #[error("connect to {peer} failed: {source}")]
@@ -53,9 +60,12 @@ impl ProxyError {
     /// Which side is to blame, for logs and metrics.
     pub fn side(&self) -> Side {
         match self {
-            Self::NoRoute { .. } | Self::BodyTooLarge { .. } | Self::BadRequest(_) | Self::ClientGone => {
-                Side::Downstream
-            }
+            Self::NoRoute { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::BadRequest(_)
+            | Self::BadPath(_)
+            | Self::GrpcPath { .. }
+            | Self::ClientGone => Side::Downstream,
             Self::NoPeer { .. }
             | Self::Connect { .. }
             | Self::ConnectTimeout { .. }

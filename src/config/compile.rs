@@ -129,6 +129,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
         access_log,
         shutdown_grace,
         trusted_proxies,
+        merge_slashes: cfg.merge_slashes.unwrap_or(true),
         limits,
         listeners,
         routes,
@@ -354,13 +355,15 @@ impl Compiler {
             self.err(format!("{mkey}.stop_regex"), "stop_regex only applies to path_prefix");
         }
         matcher.path = if let Some(p) = &m.path {
-            self.check_path(&format!("{mkey}.path"), p);
+            self.check_path(&format!("{mkey}.path"), p, true, cfg.merge_slashes.unwrap_or(true));
             PathMatch::Exact(p.clone())
         } else if let Some(p) = &m.path_prefix {
-            self.check_path(&format!("{mkey}.path_prefix"), p);
+            self.check_path(&format!("{mkey}.path_prefix"), p, false, cfg.merge_slashes.unwrap_or(true));
             PathMatch::Prefix { prefix: p.clone(), stop_regex: m.stop_regex.unwrap_or(false) }
         } else if let Some(re) = &m.path_regex {
-            match Regex::new(re) {
+            // On bytes, without Unicode, like nginx's PCRE: the normalised path need not be UTF-8
+            // (`/%ff`), and `.` must match any byte of it or `^/admin/.*$` is bypassed with one.
+            match regex::bytes::RegexBuilder::new(re).unicode(false).build() {
                 Ok(re) => PathMatch::Regex(re),
                 Err(e) => {
                     self.err(
@@ -557,9 +560,27 @@ impl Compiler {
         }
     }
 
-    fn check_path(&mut self, key: &str, p: &str) {
+    /// A route path must start with `/` and be one a normalised request path
+    /// can have (`protocol::uri`): no `.` or `..` segment (a prefix may end in
+    /// one: `/a/.` is a prefix of `/a/.b`) and, with merge_slashes, no `//`.
+    /// Otherwise it could never match, and a rule meant to guard it would guard nothing.
+    fn check_path(&mut self, key: &str, p: &str, exact: bool, merge_slashes: bool) {
         if !p.starts_with('/') {
             self.err(key, format!("{p:?} must start with /"));
+            return;
+        }
+        let segments: Vec<&str> = p[1..].split('/').collect();
+        let last = segments.len() - 1;
+        let dot = segments.iter().enumerate().any(|(i, s)| (*s == "." || *s == "..") && (exact || i < last));
+        let double = merge_slashes && p.contains("//");
+        if dot || double {
+            self.err(
+                key,
+                format!(
+                    "{p:?} can never match: routes see the normalised path (dot segments resolved{}); write it normalised",
+                    if merge_slashes { ", slashes merged" } else { "" }
+                ),
+            );
         }
     }
 

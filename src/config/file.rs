@@ -22,6 +22,9 @@ pub struct FileConfig {
     pub shutdown: ShutdownCfg,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// nginx's `merge_slashes`: `//` in a request path counts as `/` (default true).
+    #[serde(default)]
+    pub merge_slashes: Option<bool>,
     #[serde(default)]
     pub limits: LimitsCfg,
     #[serde(default)]

@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub access_log: AccessLogTarget,
     pub shutdown_grace: Duration,
     pub trusted_proxies: Vec<IpNet>,
+    /// nginx's `merge_slashes`: runs of `/` in the request path count as one
+    /// when the path is normalised (`protocol::uri::normalize`).
+    pub merge_slashes: bool,
     pub limits: Limits,
     pub listeners: Vec<Arc<Listener>>,
     pub routes: Vec<Arc<Route>>,

@@ -64,6 +64,10 @@ pub struct LuaRequest {
     pub parts: http::request::Parts,
     /// The request target as the client sent it (`ngx.var.request_uri`), whatever scripts change.
     pub request_uri: http::uri::PathAndQuery,
+    /// `ngx.var.uri` (nginx's `$uri`: decoded, normalised) when it is not the
+    /// path of `parts.uri` as is: the path was not canonical, or a script set
+    /// it (`ngx.req.set_uri`). `parts.uri` then holds it escaped.
+    pub decoded_uri: Option<Vec<u8>>,
     /// The request body once `ngx.req.read_body()` read it, or set by `set_body_data`.
     pub body: Option<Bytes>,
     /// The unread client body, until `read_body` takes it.
@@ -96,6 +100,28 @@ pub struct LuaRequest {
 }
 
 impl LuaRequest {
+    /// `ngx.var.uri`: the normalised path, or what `ngx.req.set_uri` set.
+    pub fn uri(&self) -> &[u8] {
+        self.decoded_uri.as_deref().unwrap_or(self.parts.uri.path().as_bytes())
+    }
+
+    /// `ngx.req.set_uri`: `ngx.var.uri` reads `uri` exactly; the upstream gets it escaped, args kept.
+    pub fn set_uri(&mut self, uri: &[u8]) -> Result<(), http::Error> {
+        self.parts.uri = crate::protocol::uri::with_path(&self.parts.uri, uri)?;
+        self.decoded_uri = Some(uri.to_vec());
+        Ok(())
+    }
+
+    /// The normalised path of a request whose raw path was not canonical; with
+    /// `rewrite`, it also replaces the path that goes upstream (escaped).
+    pub fn set_normalised(&mut self, path: Vec<u8>, rewrite: bool) -> Result<(), http::Error> {
+        if rewrite {
+            self.parts.uri = crate::protocol::uri::with_path(&self.parts.uri, &path)?;
+        }
+        self.decoded_uri = Some(path);
+        Ok(())
+    }
+
     /// Wall-clock start in seconds since the epoch (`ngx.req.start_time`), derived
     /// when asked rather than read from the clock for every request.
     pub fn start_epoch(&self) -> f64 {
@@ -122,6 +148,7 @@ impl LuaRequest {
         Self {
             parts,
             request_uri,
+            decoded_uri: None,
             body: None,
             incoming: None,
             body_read: false,

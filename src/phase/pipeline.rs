@@ -1,13 +1,19 @@
 //! The pipeline driver: one request from its head to its log line.
 //!
 //! ```text
-//! accept ─► route match ─► [return] ─► balancer ─► upstream ─► response ─► log
+//! accept ─► path normalise ─► route match ─► [return] ─► balancer ─► upstream ─► response ─► log
 //! ```
+//! Routes match the normalised path (`protocol::uri`, nginx's `$uri`). What
+//! goes upstream is the client's request target when decoding its path once
+//! gives the normalised path (`uri::decodes_to`), else the normalised path
+//! re-escaped with the original query: a route and its upstream never
+//! disagree about which resource was asked for.
 //! The snapshot is loaded once, at the start; the request keeps it to its
 //! end, so a reload never changes a request halfway. The log phase runs when
 //! the response body ends or is dropped (see `body::ResponseBody`), so it
 //! never delays the client.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -27,7 +33,7 @@ use crate::config::Snapshot;
 use crate::error::ProxyError;
 use crate::observe::access_log::LogRecord;
 use crate::observe::trace::TraceContext;
-use crate::protocol::grpc;
+use crate::protocol::{grpc, uri};
 use crate::route::MatchInput;
 use crate::upstream::pool::Pool;
 use crate::upstream::{call, Protocol, Upstream};
@@ -74,7 +80,7 @@ pub async fn handle(
     worker: Rc<Worker>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = crate::config::reload::current();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let trace = TraceContext::from_headers(&parts.headers);
     let started = std::time::Instant::now();
     let mut guard = LogGuard(Some(LogRecord {
@@ -94,12 +100,21 @@ pub async fn handle(
         error: None,
     }));
     let is_grpc = grpc::is_grpc(&parts.headers);
+    // A gRPC method is named by its path exactly: `/a.B/../C` is no way to call `/C`.
+    if is_grpc && !uri::is_canonical(parts.uri.path().as_bytes(), true) {
+        let err = ProxyError::GrpcPath { path: parts.uri.path().to_string() };
+        return Ok(respond::error(&err, is_grpc, guard.0.take()));
+    }
+    let path = match uri::normalize(parts.uri.path().as_bytes(), snap.merge_slashes) {
+        Ok(p) => p,
+        Err(e) => return Ok(respond::error(&ProxyError::BadPath(e), is_grpc, guard.0.take())),
+    };
     let host = request_host(&parts);
     let route = {
         let input = MatchInput {
             listener: &conn.listener.name,
             host: &host,
-            path: parts.uri.path(),
+            path: &path,
             method: &parts.method,
             headers: &parts.headers,
             grpc: if is_grpc { grpc::parse_path(parts.uri.path()) } else { None },
@@ -110,10 +125,26 @@ pub async fn handle(
         let err = ProxyError::NoRoute { method: parts.method.to_string(), path: parts.uri.path().to_string() };
         return Ok(respond::error(&err, is_grpc, guard.0.take()));
     };
+    // None: the raw path is the normalised one (the usual case, nothing allocated).
+    // `rewrite`: the raw path cannot go upstream as sent.
+    let (normalised, rewrite) = match path {
+        Cow::Borrowed(_) => (None, false),
+        Cow::Owned(p) => {
+            let rewrite = !uri::decodes_to(parts.uri.path().as_bytes(), &p);
+            (Some(p), rewrite)
+        }
+    };
+    drop(host);
     if let Some(log) = &mut guard.0 {
         log.route = Some(Arc::clone(&route.name));
     }
     if route.lua.is_none() {
+        if let Some(p) = normalised.as_ref().filter(|_| rewrite) {
+            match uri::with_path(&parts.uri, p) {
+                Ok(u) => parts.uri = u,
+                Err(e) => return Ok(respond::error(&ProxyError::BadRequest(e.to_string()), is_grpc, guard.0.take())),
+            }
+        }
         return Ok(match &route.action {
             Action::Proxy(upstream) => {
                 let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
@@ -126,6 +157,12 @@ pub async fn handle(
         Ok(l) => l,
         Err(e) => return Ok(respond::error(&e, is_grpc, guard.0.take())),
     };
+    // Scripts read the normalised path as `ngx.var.uri`; `ngx.var.request_uri` keeps the raw one.
+    if let Some(p) = normalised {
+        if let Err(e) = lua.req.borrow_mut().set_normalised(p, rewrite) {
+            return Ok(respond::error(&ProxyError::BadRequest(e.to_string()), is_grpc, guard.0.take()));
+        }
+    }
     if !lua.runtime.is_ready() {
         lua.runtime.ready().await;
     }

@@ -56,7 +56,9 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
     match err {
         ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, Code::Unimplemented),
         ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
-        ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, Code::Internal),
+        ProxyError::BadRequest(_) | ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, Code::Internal),
+        // As a gRPC server answers a path that names no method of its.
+        ProxyError::GrpcPath { .. } => (StatusCode::BAD_REQUEST, Code::Unimplemented),
         ProxyError::NoPeer { .. }
         | ProxyError::Connect { .. }
         | ProxyError::ConnectTimeout { .. }

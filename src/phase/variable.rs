@@ -86,7 +86,8 @@ impl Variable {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| Cow::Borrowed(v.as_bytes())),
             Self::RemoteAddr => Some(Cow::Owned(client.to_string().into_bytes())),
-            Self::Uri => Some(Cow::Borrowed(req.uri.path().as_bytes())),
+            // The path is canonical or luagate escaped it (`protocol::uri`): decoding gives `$uri`.
+            Self::Uri => Some(crate::protocol::uri::decode(req.uri.path().as_bytes())),
             Self::RequestUri => Some(Cow::Borrowed(req.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes())),
         }
     }
@@ -122,6 +123,16 @@ mod tests {
         assert_eq!(v("$remote_addr"), Some(b"10.1.2.3".to_vec()));
         assert_eq!(v("$uri"), Some(b"/a/b".to_vec()));
         assert_eq!(v("$request_uri"), Some(b"/a/b?x=1&page=7&flag".to_vec()));
+    }
+
+    #[test]
+    fn uri_is_decoded() {
+        // luagate escapes a normalised path before it reaches the variable: `$uri` decodes it back.
+        let p = parts("/a%20b%3Fc%25?x=%20", &[]);
+        let v = Variable::parse("$uri").unwrap().eval(&p, "10.0.0.1".parse().unwrap());
+        assert_eq!(v.as_deref(), Some(&b"/a b?c%"[..]));
+        let v = Variable::parse("$request_uri").unwrap().eval(&p, "10.0.0.1".parse().unwrap());
+        assert_eq!(v.as_deref(), Some(&b"/a%20b%3Fc%25?x=%20"[..]));
     }
 
     #[test]

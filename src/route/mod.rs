@@ -40,6 +40,11 @@
 //!    A route without a path condition counts as a prefix of length 0, like
 //!    `location /`.
 //!
+//! The path routes see is the normalised one (`protocol::uri::normalize`,
+//! nginx's `$uri`): percent-decoded, dot segments resolved, slashes merged.
+//! It is bytes, not always UTF-8 (`/%ff`): exact paths and prefixes compare
+//! bytes, regexes run on bytes.
+//!
 //! Details: a prefix is compared byte for byte, so `/api` matches `/apix`, as
 //! in nginx; a regex is unanchored unless it says `^` or `$`; a header
 //! condition holds if any value of that header matches; a route with a gRPC
@@ -117,8 +122,8 @@ pub enum PathMatch {
     Exact(String),
     /// The path starts with `prefix`; `stop_regex` is nginx's `^~`.
     Prefix { prefix: String, stop_regex: bool },
-    /// The regex matches somewhere in the path.
-    Regex(Regex),
+    /// The regex matches somewhere in the path (on bytes: the path need not be UTF-8).
+    Regex(regex::bytes::Regex),
 }
 
 /// A condition on one header; it holds if any value of the header matches.
@@ -153,8 +158,8 @@ pub struct MatchInput<'a> {
     pub listener: &'a str,
     /// Lowercase, without port.
     pub host: &'a str,
-    /// Path only, no query.
-    pub path: &'a str,
+    /// The normalised path (`protocol::uri::normalize`), no query.
+    pub path: &'a [u8],
     pub method: &'a Method,
     pub headers: &'a HeaderMap,
     /// (service, method) when the request is gRPC.
@@ -227,12 +232,12 @@ impl HostIndex {
             }
             for host in &route.hosts {
                 match host {
-                    HostPattern::Exact(h) => add(&mut exact, h, i),
-                    HostPattern::SuffixWildcard(d) => add(&mut suffix, d, i),
-                    HostPattern::PrefixWildcard(p) => add(&mut prefix, p, i),
+                    HostPattern::Exact(h) => add(&mut exact, h.clone(), i),
+                    HostPattern::SuffixWildcard(d) => add(&mut suffix, d.clone(), i),
+                    HostPattern::PrefixWildcard(p) => add(&mut prefix, p.clone(), i),
                     HostPattern::DomainWildcard(d) => {
-                        add(&mut domain_bare, d, i);
-                        add(&mut suffix, d, i);
+                        add(&mut domain_bare, d.clone(), i);
+                        add(&mut suffix, d.clone(), i);
                     }
                 }
             }
@@ -276,8 +281,8 @@ impl HostIndex {
 }
 
 /// Adds route `i` under `key`, once even if the route lists the key twice.
-fn add(map: &mut HashMap<String, Vec<usize>>, key: &str, i: usize) {
-    let ids = map.entry(key.to_owned()).or_default();
+fn add<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<usize>>, key: K, i: usize) {
+    let ids = map.entry(key).or_default();
     if ids.last() != Some(&i) {
         ids.push(i);
     }
@@ -287,7 +292,7 @@ fn add(map: &mut HashMap<String, Vec<usize>>, key: &str, i: usize) {
 #[derive(Debug, Clone, Default)]
 struct PathIndex {
     /// Exact path -> routes in config order.
-    exact: HashMap<String, Vec<usize>>,
+    exact: HashMap<Box<[u8]>, Vec<usize>>,
     /// `Prefix` and `Any` routes, longest prefix first, then config order.
     prefixes: Vec<usize>,
     /// `Regex` routes in config order.
@@ -299,7 +304,7 @@ impl PathIndex {
         let mut index = Self::default();
         for i in ids {
             match &routes[i].path {
-                PathMatch::Exact(p) => add(&mut index.exact, p, i),
+                PathMatch::Exact(p) => add(&mut index.exact, p.as_bytes().into(), i),
                 PathMatch::Any | PathMatch::Prefix { .. } => index.prefixes.push(i),
                 PathMatch::Regex(_) => index.regexes.push(i),
             }
@@ -318,7 +323,7 @@ impl PathIndex {
         let mut longest = None;
         for &i in &self.prefixes {
             let (prefix, stop_regex) = prefix_of(&routes[i]);
-            if input.path.starts_with(prefix) && conditions_hold(&routes[i], input) {
+            if input.path.starts_with(prefix.as_bytes()) && conditions_hold(&routes[i], input) {
                 if stop_regex {
                     return Some(i);
                 }
@@ -399,7 +404,7 @@ mod tests {
             table.find(&MatchInput {
                 listener: self.listener,
                 host: self.host,
-                path: self.path,
+                path: self.path.as_bytes(),
                 method: &self.method,
                 headers: &self.headers,
                 grpc: self.grpc,
@@ -424,7 +429,7 @@ mod tests {
     }
 
     fn regex(re: &str) -> RouteMatch {
-        RouteMatch { path: PathMatch::Regex(Regex::new(re).expect("test regex")), ..any() }
+        RouteMatch { path: PathMatch::Regex(regex::bytes::Regex::new(re).expect("test regex")), ..any() }
     }
 
     fn hosts(names: &[&str]) -> RouteMatch {
@@ -500,6 +505,27 @@ mod tests {
         assert_eq!(at(&t, "/api/x"), Some(1));
         assert_eq!(at(&t, "/r"), Some(2));
         assert_eq!(at(&t, "/else"), Some(0));
+    }
+
+    #[test]
+    fn paths_are_bytes() {
+        // A normalised path need not be UTF-8 (`/%ff` decodes to one byte 0xff).
+        let t = table(vec![exact("/caf\u{e9}"), prefix("/admin"), prefix("/")]);
+        let headers = HeaderMap::new();
+        let find = |path: &[u8]| {
+            t.find(&MatchInput {
+                listener: "main",
+                host: "x",
+                path,
+                method: &Method::GET,
+                headers: &headers,
+                grpc: None,
+            })
+        };
+        assert_eq!(find(b"/admin/\xff"), Some(1));
+        assert_eq!(find("/caf\u{e9}".as_bytes()), Some(0));
+        assert_eq!(find(b"/caf\xe9"), Some(2), "Latin-1 bytes are not the UTF-8 path");
+        assert_eq!(find(b"/\xff"), Some(2));
     }
 
     #[test]

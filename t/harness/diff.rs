@@ -22,6 +22,10 @@
 //! expect_status: 403         # optional: what nginx must answer (default: anything but 500)
 //! skip: "engine bug: ..."     # optional: listed as ignored, left out of both configs
 //! ```
+//!
+//! One more trial, `diff/uri_corpus` ([`uri_corpus`]), sends a generated corpus of
+//! request paths to a catch-all location / route of both servers that answers
+//! `ngx.var.uri`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +46,8 @@ use crate::client::{HttpClient, HttpResponse};
 use crate::expect;
 use crate::process::BIN;
 use crate::runner::{free_ports, runtime, TempDir};
+
+mod uri_corpus;
 
 const NGINX: &str = "/usr/sbin/nginx";
 const NGINX_MODULES: [&str; 2] =
@@ -198,6 +204,7 @@ pub fn trials() -> Vec<Trial> {
         Ok(f) => f,
         Err(e) => return vec![Trial::test("diff", move || Err(Failed::from(e)))],
     };
+    let corpus = Trial::test(format!("diff/{}", uri_corpus::NAME), || run_corpus().map_err(Failed::from));
     files
         .into_iter()
         .map(|(name, path)| {
@@ -206,7 +213,17 @@ pub fn trials() -> Vec<Trial> {
             Trial::test(format!("diff/{name}"), move || run_trial(&n).map_err(Failed::from))
                 .with_ignored_flag(skip.is_some())
         })
+        .chain(std::iter::once(corpus))
         .collect()
+}
+
+fn run_corpus() -> Result<(), String> {
+    let fx = FIXTURE.get_or_init(start).as_ref().map_err(Clone::clone)?;
+    let result = fx.rt.block_on(uri_corpus::run(fx.nginx, fx.luagate, HOST));
+    if result.is_err() {
+        FAILED.store(true, Ordering::SeqCst);
+    }
+    result.map_err(|e| format!("{e}\n--- dir kept: {} ---", fx.dir.display()))
 }
 
 /// The two servers and everything needed to query them.
@@ -306,6 +323,17 @@ fn write_configs(
         }
         locations.push_str("        }\n");
     }
+    // The catch-all of `diff/uri_corpus`: exact locations / routes above still win.
+    let corpus = lua_dir.join(format!("{}.content.lua", uri_corpus::NAME));
+    std::fs::write(&corpus, uri_corpus::SCRIPT).map_err(|e| e.to_string())?;
+    locations.push_str(&format!(
+        "        location / {{\n            content_by_lua_file {};\n        }}\n",
+        corpus.display()
+    ));
+    routes.push_str(&format!(
+        "  - match: {{ path_prefix: / }}\n    lua:\n      content: {}\n",
+        serde_json::Value::from(corpus.display().to_string())
+    ));
     let ng_conf = format!(
         r#"load_module {m0};
 load_module {m1};

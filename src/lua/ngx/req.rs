@@ -73,27 +73,27 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     )?;
     req.set(
         "set_uri",
-        lua.create_function(|_, (uri, jump): (mlua::LuaString, Option<bool>)| {
-            let uri = uri.to_str()?.to_string();
+        lua.create_function(|_, (uri, jump, binary): (mlua::LuaString, Option<bool>, Option<bool>)| {
+            let uri = uri.as_bytes();
             if uri.is_empty() {
                 return Err(mlua::Error::RuntimeError("attempt to use zero-length uri".into()));
+            }
+            if !binary.unwrap_or(false) {
+                if let Some(&b) = uri.iter().find(|&&b| unsafe_uri_byte(b)) {
+                    return Err(mlua::Error::RuntimeError(format!(
+                        "unsafe byte \"0x{b:02x}\" in uri \"{}\" (maybe you want to set the 'binary' argument?)",
+                        escape_log(&uri)
+                    )));
+                }
             }
             if jump.unwrap_or(false) {
                 return Err(mlua::Error::RuntimeError(
                     "luagate: ngx.req.set_uri with jump = true is not supported (routes are matched once)".into(),
                 ));
             }
+            // As nginx: `ngx.var.uri` then reads exactly `uri`, not normalised; the upstream gets it escaped.
             request::with("ngx.req.set_uri", |r| {
-                let escaped = escape_path(&uri);
-                let pq = match r.parts.uri.query() {
-                    Some(q) => format!("{escaped}?{q}"),
-                    None => escaped,
-                };
-                let mut p = r.parts.uri.clone().into_parts();
-                p.path_and_query = pq.parse().ok();
-                http::Uri::from_parts(p)
-                    .map(|u| r.parts.uri = u)
-                    .map_err(|e| mlua::Error::RuntimeError(format!("bad uri: {e}")))
+                r.set_uri(&uri).map_err(|e| mlua::Error::RuntimeError(format!("bad uri: {e}")))
             })?
         })?,
     )?;
@@ -168,14 +168,21 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.set("req", req)
 }
 
-/// `set_uri` takes an unescaped path, as nginx does; escape what a URI may not hold.
-fn escape_path(p: &str) -> String {
-    let mut out = String::with_capacity(p.len());
-    for b in p.bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@%".contains(&b) {
+/// Bytes `set_uri` refuses unless its `binary` argument is true, as
+/// lua-nginx-module: control characters but tab, and DEL.
+fn unsafe_uri_byte(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+/// A string as lua-nginx-module quotes it in an error: `"`, `\`, controls and
+/// bytes from DEL up as `\xHH`.
+fn escape_log(s: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s {
+        if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push_str(&format!("\\x{b:02X}"));
         }
     }
     out

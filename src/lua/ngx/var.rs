@@ -18,7 +18,7 @@ pub fn get(r: &LuaRequest, name: &str, declared: &[(String, String)]) -> Option<
     let p = &r.parts;
     let s = |x: &str| Some(x.as_bytes().to_vec());
     match name {
-        "uri" => s(p.uri.path()),
+        "uri" => Some(r.uri().to_vec()),
         "request_uri" => s(r.request_uri.as_str()),
         "args" | "query_string" => p.uri.query().map(|q| q.as_bytes().to_vec()),
         "is_args" => s(if p.uri.query().is_some() { "?" } else { "" }),

@@ -4,7 +4,8 @@
 //! client going away while a Lua phase waits, which must end the script at
 //! once (and `pcall` must not catch that end), the header-read deadline over
 //! TLS (and its timing), what an HTTP/1.1 client sees on an h2c-only
-//! listener, and `workers: auto` starting one worker per core.
+//! listener, `workers: auto` starting one worker per core, SIGUSR1
+//! reopening a rotated access log, and the pid file removed at exit.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -421,4 +422,83 @@ async fn wait_for(port: u16, path: &str, want: &str) {
         assert!(Instant::now() < until, "GET {path}: {:?}, not {want:?}", String::from_utf8_lossy(&body));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// GET `path` over a new HTTP/1.1 connection: the status line.
+fn get_status(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// Polls `file` until it contains `needle` (3 s at most).
+fn wait_file(file: &std::path::Path, needle: &str) {
+    let until = Instant::now() + Duration::from_secs(3);
+    while !std::fs::read_to_string(file).unwrap_or_default().contains(needle) {
+        assert!(Instant::now() < until, "no {needle:?} in {}", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGUSR1 reopens the access log (log rotation): after the file was moved
+/// away, the lines written before the signal are in the moved file, and the
+/// ones after it in a new file at the configured path.
+#[test]
+fn sigusr1_reopens_the_access_log() {
+    let d = dir("usr1");
+    let port = free_port();
+    let config = format!(
+        "workers: 1\naccess_log: {{ path: access.log }}\nlisten: [ {{ addr: \"127.0.0.1:{port}\" }} ]\n\
+         routes: [ {{ return: {{ status: 200, body: ok }} }} ]\n"
+    );
+    let lg = Luagate::start(&d, &config, port);
+    let (log, moved) = (d.join("access.log"), d.join("access.log.1"));
+    assert!(get_status(port, "/one").contains("200"));
+    wait_file(&log, "\"/one\"");
+    std::fs::rename(&log, &moved).expect("rotate");
+    assert!(get_status(port, "/two").contains("200"));
+    // Still the open file, now under its new name.
+    wait_file(&moved, "\"/two\"");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(lg.child.id() as i32, libc::SIGUSR1) };
+    let until = Instant::now() + Duration::from_secs(3);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("\"/three\"") {
+        assert!(Instant::now() < until, "no new access.log with /three after SIGUSR1");
+        assert!(get_status(port, "/three").contains("200"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let new = std::fs::read_to_string(&log).expect("new access.log");
+    assert!(!new.contains("\"/one\"") && !new.contains("\"/two\""), "{new}");
+    let old = std::fs::read_to_string(&moved).expect("moved access.log");
+    assert!(old.contains("\"/one\"") && old.contains("\"/two\""), "{old}");
+}
+
+/// On a graceful stop luagate exits 0 and removes the pid file it wrote.
+#[test]
+fn the_pid_file_is_removed_on_exit() {
+    let d = dir("pidfile");
+    let port = free_port();
+    let config = format!(
+        "pid_file: luagate.pid\naccess_log: {{ path: off }}\nlisten: [ {{ addr: \"127.0.0.1:{port}\" }} ]\n\
+         routes: [ {{ return: {{ status: 200 }} }} ]\n"
+    );
+    let mut lg = Luagate::start(&d, &config, port);
+    let pid_file = d.join("luagate.pid");
+    let pid: u32 = std::fs::read_to_string(&pid_file).expect("pid file").trim().parse().expect("a pid");
+    assert_eq!(pid, lg.child.id());
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let until = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = lg.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < until, "luagate did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", lg.log());
+    assert!(!pid_file.exists(), "the pid file is still there");
 }

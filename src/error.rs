@@ -46,6 +46,8 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    #[error("upstream {peer} took no request data for {after:?} (send timeout)")]
+    SendTimeout { peer: std::net::SocketAddr, after: Duration },
     #[error("upstream {peer} sent no response headers within {after:?}")]
     ReadTimeout { peer: std::net::SocketAddr, after: Duration },
     #[error("request deadline of {after:?} exceeded")]
@@ -70,6 +72,7 @@ impl ProxyError {
             | Self::Connect { .. }
             | Self::ConnectTimeout { .. }
             | Self::Upstream { .. }
+            | Self::SendTimeout { .. }
             | Self::ReadTimeout { .. }
             | Self::Deadline { .. } => Side::Upstream,
             Self::Lua(_) => Side::Internal,

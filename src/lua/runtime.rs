@@ -155,6 +155,7 @@ impl Runtime {
     /// budget, memory ceiling; forget functions of scripts no longer used;
     /// run `init_worker`.
     fn apply(&self, settings: &Settings) -> mlua::Result<()> {
+        sandbox(&self.lua, settings)?;
         let package: Table = self.lua.globals().get("package")?;
         package.set("path", settings.package_path.as_str())?;
         // Modules scripts loaded with require are reloaded too, as fresh nginx workers would.
@@ -329,23 +330,39 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Take away what scripts must not reach unless the config grants it.
+/// Registry key of what [`sandbox`] may take away, as the state was created.
+const SANDBOXED: &str = "luagate.sandboxed";
+
+/// Take away what scripts must not reach unless the config grants it; give
+/// back what it grants. Run when the state is created and again on each
+/// reload, so a grant the new config drops is taken away from the running
+/// state (a reference a script kept in a global meanwhile stays, until restart).
 fn sandbox(lua: &Lua, settings: &Settings) -> mlua::Result<()> {
     let g = lua.globals();
     let os: Table = g.get("os")?;
-    os.set("exit", Value::Nil)?;
-    if !settings.grants.os_execute {
-        os.set("execute", Value::Nil)?;
-    }
     let io: Table = g.get("io")?;
-    if !settings.grants.io_popen {
-        io.set("popen", Value::Nil)?;
-    }
-    if !settings.grants.native_modules {
-        let package: Table = g.get("package")?;
-        package.set("cpath", "")?;
-        // The C loaders search package.cpath only: empty, they find nothing.
-        package.set("loadlib", Value::Nil)?;
+    let package: Table = g.get("package")?;
+    let kept: Table = match lua.named_registry_value::<Option<Table>>(SANDBOXED)? {
+        Some(kept) => kept,
+        None => {
+            let kept = lua.create_table()?;
+            kept.set("execute", os.get::<Value>("execute")?)?;
+            kept.set("popen", io.get::<Value>("popen")?)?;
+            kept.set("loadlib", package.get::<Value>("loadlib")?)?;
+            kept.set("cpath", package.get::<Value>("cpath")?)?;
+            lua.set_named_registry_value(SANDBOXED, &kept)?;
+            kept
+        }
+    };
+    let granted = |yes: bool, name: &str| if yes { kept.get::<Value>(name) } else { Ok(Value::Nil) };
+    os.set("exit", Value::Nil)?;
+    os.set("execute", granted(settings.grants.os_execute, "execute")?)?;
+    io.set("popen", granted(settings.grants.io_popen, "popen")?)?;
+    package.set("loadlib", granted(settings.grants.native_modules, "loadlib")?)?;
+    // The C loaders search package.cpath only: empty, they find nothing.
+    match granted(settings.grants.native_modules, "cpath")? {
+        Value::Nil => package.set("cpath", "")?,
+        cpath => package.set("cpath", cpath)?,
     }
     Ok(())
 }

@@ -273,7 +273,9 @@ impl Proxy<'_> {
             }
             ClientBody::Read(bytes) => {
                 tally.bytes.set(bytes.len() as u64);
-                if !bytes.is_empty() {
+                // Lua read, replaced or discarded the body: the length sent is the body's now (nginx
+                // sends `Content-Length: 0` after `ngx.req.discard_body`), never the client's.
+                if !bytes.is_empty() || parts.headers.contains_key(CONTENT_LENGTH) {
                     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                 }
                 UpstreamBody::Full((!bytes.is_empty()).then_some(bytes))
@@ -311,7 +313,7 @@ impl Proxy<'_> {
         let body = ResponseBody::upstream(
             incoming,
             self.is_grpc,
-            up.timeouts.read,
+            answer.read_timeout,
             deadline.map(|(at, _)| at),
             log,
             answer.in_flight,

@@ -63,7 +63,9 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
         | ProxyError::Connect { .. }
         | ProxyError::ConnectTimeout { .. }
         | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, Code::Unavailable),
-        ProxyError::ReadTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable),
+        ProxyError::SendTimeout { .. } | ProxyError::ReadTimeout { .. } => {
+            (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable)
+        }
         ProxyError::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
         ProxyError::Lua(_) => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         // nginx's 499: the client closed the request.

@@ -33,6 +33,9 @@ pub struct Answer {
     pub in_flight: InFlight,
     /// From sending to the response head.
     pub elapsed: std::time::Duration,
+    /// The read timeout of this try (a Lua balancer may have set it): it
+    /// bounds each wait for the response body too.
+    pub read_timeout: Duration,
 }
 
 pub async fn call(
@@ -80,7 +83,8 @@ pub async fn call(
             }
         };
         let peer = &peer;
-        let conn = match pool.checkout(peer.addr, upstream.protocol, upstream.keepalive, timeouts.connect).await {
+        let checkout = pool.checkout(peer.addr, upstream.protocol, upstream.keepalive, timeouts.connect, timeouts.send);
+        let conn = match checkout.await {
             Ok(c) => c,
             Err(e) if e.is_retryable() => {
                 tracing::warn!(upstream = %upstream.name, peer = %peer.addr, error = %e, "peer failed, trying the next one");
@@ -95,7 +99,7 @@ pub async fn call(
         let mut reused = false;
         let mut replay = None;
         let result = match conn {
-            Conn::H1(mut sender, idle) => {
+            Conn::H1(mut h1, idle) => {
                 reused = idle.is_some() && !stale_retried;
                 // A copy costs ~1.8k instructions, so it is kept only where a retry could use
                 // it: another peer left to try, or a connection idle long enough that the peer
@@ -104,10 +108,10 @@ pub async fn call(
                 if next_peer || (reused && idle >= Some(STALE_RISK)) {
                     replay = replay_copy(&req);
                 }
-                let sending = sender.try_send_request(req);
+                let sending = h1.sender.try_send_request(req);
                 let result = tokio::time::timeout(read, sending).await;
                 if let Ok(Ok(_)) = &result {
-                    pool.checkin_when_ready(peer.addr, sender, upstream.keepalive);
+                    pool.checkin_when_ready(peer.addr, h1, upstream.keepalive);
                 }
                 result
             }
@@ -125,9 +129,12 @@ pub async fn call(
             Ok(Ok(response)) => {
                 let elapsed = sent.elapsed();
                 peer.stats.observe(elapsed);
-                return Ok(Answer { response, peer: peer.addr, in_flight, elapsed });
+                return Ok(Answer { response, peer: peer.addr, in_flight, elapsed, read_timeout: read });
             }
             Ok(Err(mut e)) => {
+                if let Some(after) = send_timed_out(e.error()) {
+                    return Err(ProxyError::SendTimeout { peer: peer.addr, after });
+                }
                 // Either the connection closed before the request left (hyper hands it back:
                 // nothing reached the peer), or the peer closed or reset it under the request,
                 // which only a kept copy can send again.
@@ -176,6 +183,21 @@ fn closed_by_peer(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+/// The send timeout, when `e` is a write that waited for the peer longer
+/// than that (see `pool::SendTimed`).
+fn send_timed_out(e: &hyper::Error) -> Option<Duration> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        // An io::Error's `source` skips the error it wraps: look at that one itself.
+        let wrapped = s.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if let Some(t) = wrapped.and_then(|w| w.downcast_ref::<super::pool::SendTimedOut>()) {
+            return Some(t.0);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// A copy of `req` to send again if the peer closes or resets the connection

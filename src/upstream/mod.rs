@@ -28,7 +28,8 @@ pub enum Protocol {
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect: Duration,
-    /// Longest pause between two request body frames on their way upstream.
+    /// Longest pause between two request body frames on their way upstream,
+    /// and longest a write to an HTTP/1.1 peer may wait (nginx's `proxy_send_timeout`).
     pub send: Duration,
     /// Longest wait for response headers, and between two response body frames.
     pub read: Duration,

@@ -2,16 +2,26 @@
 //! idle HTTP/1.1 connections (bounded by `keepalive.max_idle`, closed after
 //! `keepalive.idle_timeout`) and one multiplexed HTTP/2 connection. Pools are
 //! keyed by peer address, not by snapshot, so they survive reloads.
+//!
+//! An HTTP/1.1 connection's socket carries the send timeout (nginx's
+//! `proxy_send_timeout`): a write the peer leaves waiting that long — it
+//! stopped reading the request — fails, and the request with it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use super::{Keepalive, Protocol};
 use crate::error::ProxyError;
@@ -21,13 +31,20 @@ use crate::server::LocalExec;
 pub enum Conn {
     /// An HTTP/1.1 connection, and for how long it sat idle if it was kept
     /// alive from an earlier request.
-    H1(http1::SendRequest<UpstreamBody>, Option<Duration>),
+    H1(H1Conn, Option<Duration>),
     H2(http2::SendRequest<UpstreamBody>),
+}
+
+/// An HTTP/1.1 connection: hyper's sender, and the send timeout its socket
+/// applies (set for each request: a Lua balancer may change it per try).
+pub struct H1Conn {
+    pub sender: http1::SendRequest<UpstreamBody>,
+    send_timeout: Rc<Cell<Duration>>,
 }
 
 #[derive(Default)]
 struct PeerPool {
-    idle: VecDeque<(http1::SendRequest<UpstreamBody>, Instant)>,
+    idle: VecDeque<(H1Conn, Instant)>,
     h2: Option<http2::SendRequest<UpstreamBody>>,
 }
 
@@ -50,16 +67,21 @@ impl Pool {
     }
 
     /// A connection to `peer` ready for one request: an idle or shared one if
-    /// there is one, else a new one (bounded by `connect_timeout`).
+    /// there is one, else a new one (bounded by `connect_timeout`). An
+    /// HTTP/1.1 connection fails a write that waits longer than `send_timeout`.
     pub async fn checkout(
         self: &Rc<Self>,
         peer: SocketAddr,
         protocol: Protocol,
         keepalive: Keepalive,
         connect_timeout: Duration,
+        send_timeout: Duration,
     ) -> Result<Conn, ProxyError> {
         if let Some(conn) = self.take_idle(peer, protocol, keepalive) {
             self.stats.borrow_mut().reuses += 1;
+            if let Conn::H1(h1, _) = &conn {
+                h1.send_timeout.set(send_timeout);
+            }
             return Ok(conn);
         }
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(peer)).await {
@@ -69,19 +91,21 @@ impl Pool {
         };
         let _ = stream.set_nodelay(true);
         self.stats.borrow_mut().connects += 1;
-        let io = TokioIo::new(stream);
         let connect_err = |e: hyper::Error| ProxyError::Upstream { peer, source: e };
         match protocol {
             Protocol::Http1 => {
+                let send_timeout = Rc::new(Cell::new(send_timeout));
+                let io = TokioIo::new(SendTimed { stream, send_timeout: Rc::clone(&send_timeout), stalled: None });
                 let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(connect_err)?;
                 tokio::task::spawn_local(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "upstream connection ended");
                     }
                 });
-                Ok(Conn::H1(sender, None))
+                Ok(Conn::H1(H1Conn { sender, send_timeout }, None))
             }
             Protocol::H2c => {
+                let io = TokioIo::new(stream);
                 let (sender, conn) = http2::Builder::new(LocalExec)
                     .timer(TokioTimer::new())
                     .adaptive_window(true)
@@ -114,10 +138,10 @@ impl Pool {
             }
             Protocol::Http1 => {
                 // Most recently used first: it is the least likely to have been closed by the peer.
-                while let Some((sender, since)) = pool.idle.pop_back() {
+                while let Some((conn, since)) = pool.idle.pop_back() {
                     let idle = since.elapsed();
-                    if sender.is_ready() && idle < keepalive.idle_timeout {
-                        return Some(Conn::H1(sender, Some(idle)));
+                    if conn.sender.is_ready() && idle < keepalive.idle_timeout {
+                        return Some(Conn::H1(conn, Some(idle)));
                     }
                 }
                 None
@@ -127,24 +151,19 @@ impl Pool {
 
     /// Give an HTTP/1.1 connection back once its response has been read to the
     /// end (hyper reports it ready again then); dropped if the pool is full.
-    pub fn checkin_when_ready(
-        self: &Rc<Self>,
-        peer: SocketAddr,
-        mut sender: http1::SendRequest<UpstreamBody>,
-        keepalive: Keepalive,
-    ) {
+    pub fn checkin_when_ready(self: &Rc<Self>, peer: SocketAddr, mut conn: H1Conn, keepalive: Keepalive) {
         if keepalive.max_idle == 0 {
             return;
         }
         let pool = Rc::clone(self);
         tokio::task::spawn_local(async move {
-            if sender.ready().await.is_err() {
+            if conn.sender.ready().await.is_err() {
                 return;
             }
             let mut peers = pool.peers.borrow_mut();
             let idle = &mut peers.entry(peer).or_default().idle;
             if idle.len() < keepalive.max_idle {
-                idle.push_back((sender, Instant::now()));
+                idle.push_back((conn, Instant::now()));
             }
         });
     }
@@ -155,7 +174,7 @@ impl Pool {
         self.peers.borrow_mut().retain(|addr, pool| match max_age(*addr) {
             None => false,
             Some(age) => {
-                pool.idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < age);
+                pool.idle.retain(|(c, since)| !c.sender.is_closed() && since.elapsed() < age);
                 if pool.h2.as_ref().is_some_and(|h| h.is_closed()) {
                     pool.h2 = None;
                 }
@@ -166,5 +185,73 @@ impl Pool {
 
     pub fn idle_count(&self, peer: SocketAddr) -> usize {
         self.peers.borrow().get(&peer).map_or(0, |p| p.idle.len())
+    }
+}
+
+/// What a write that waited longer than the send timeout fails with; the
+/// upstream call finds it among the causes of hyper's error.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer took no request data for {0:?}")]
+pub struct SendTimedOut(pub Duration);
+
+/// An upstream HTTP/1.1 socket whose writes time out: once a write finds the
+/// socket full (the peer reads nothing), a timer of the send timeout starts;
+/// a write that goes through stops it; if it fires first, the write fails
+/// with [`SendTimedOut`]. Reads pass through. No timer exists while writes go
+/// through at once, so a peer that keeps up costs nothing.
+struct SendTimed {
+    stream: TcpStream,
+    send_timeout: Rc<Cell<Duration>>,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl SendTimed {
+    /// The result of a write attempt, with the stall timer applied.
+    fn timed<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let after = self.send_timeout.get();
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+        ready!(timer.as_mut().poll(cx));
+        self.stalled = None;
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, SendTimedOut(after))))
+    }
+}
+
+impl AsyncRead for SendTimed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendTimed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.timed(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.timed(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }

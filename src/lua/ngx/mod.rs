@@ -349,15 +349,14 @@ fn balancer_module(lua: &Lua) -> mlua::Result<()> {
         "set_current_peer",
         lua.create_function(|_, (host, port): (mlua::LuaString, Option<u16>)| {
             let host = host.to_str()?.to_string();
-            let addr: SocketAddr = match port {
+            let addr: Result<SocketAddr, _> = match port {
                 Some(p) => format!("{host}:{p}").parse().or_else(|_| format!("[{host}]:{p}").parse()),
                 None => host.parse(),
-            }
-            .map_err(|_| {
-                mlua::Error::RuntimeError(format!(
-                    "luagate: set_current_peer needs an IP address and port, got {host:?}"
-                ))
-            })?;
+            };
+            let Ok(addr) = addr else {
+                // As lua-nginx-module, which resolves no name here: `nil, "no host allowed"`.
+                return Ok((None, Some("no host allowed".to_string())));
+            };
             request::with("ngx.balancer.set_current_peer", |r| {
                 if r.phase != Phase::Balancer {
                     return (None::<bool>, Some("API disabled in the current context".to_string()));

@@ -96,6 +96,20 @@ async fn handle(name: &str, req: Request<Incoming>) -> Response<RespBody> {
             h.insert(CONTENT_LENGTH, HeaderValue::from_static("4"));
             resp
         }
+        "noread" => {
+            // A peer that takes no request body: the body is never polled (hyper reads no
+            // more than its buffer of it), the answer comes after ms, then the connection closes.
+            let Some(ms) = segs.next().and_then(|s| s.parse::<u64>().ok()) else {
+                return bad_request("expected /noread/{ms}");
+            };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            drop(req);
+            let mut resp = Response::new(full(r#"{"noread":true}"#));
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
         "trailers" => {
             drain(req.into_body()).await;
             let mut trailers = HeaderMap::new();

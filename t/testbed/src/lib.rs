@@ -93,6 +93,9 @@ fn localhost() -> SocketAddr {
 /// - `/slow/{ms}`: headers at once, body `slow` after ms;
 /// - `/trailers`: body `ok`, trailer `x-trailer: yes` (HTTP/1.1 only with `te: trailers`);
 /// - `/close`: JSON with `connection: close`, then the HTTP/1.1 connection closes;
+/// - `/noread/{ms}`: never reads the request body (a peer that stops taking it: the
+///   sender's writes stall once the socket buffers are full), answers `{"noread":true}`
+///   after ms with `connection: close`;
 /// - `/set-header?k=v&...`: JSON plus each (percent-decoded) pair appended as a response
 ///   header, except `content-length` and `transfer-encoding`.
 pub async fn spawn_http(name: &str) -> std::io::Result<Backend> {

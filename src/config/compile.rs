@@ -528,7 +528,13 @@ impl Compiler {
             match g.as_str() {
                 "os_execute" => grants.os_execute = true,
                 "io_popen" => grants.io_popen = true,
-                "native_modules" => grants.native_modules = true,
+                // mlua's safe mode refuses package.loadlib, and the binary exports no
+                // lua_* symbols for a C module to link against: refuse the grant
+                // rather than accept one that cannot work.
+                "native_modules" => self.err(
+                    format!("lua.allow[{i}]"),
+                    "native_modules is not available: this build cannot load C modules (cjson is built in)",
+                ),
                 other => self.err(
                     format!("lua.allow[{i}]"),
                     format!("unknown grant {other:?} (os_execute, io_popen, native_modules)"),

@@ -50,7 +50,7 @@ pub struct LuaCfg {
     pub time_budget: Option<String>,
     /// Memory ceiling of each worker's Lua state.
     pub memory_limit: Option<Scalar>,
-    /// Sandbox grants: os_execute, io_popen, native_modules.
+    /// Sandbox grants: os_execute, io_popen (native_modules is refused).
     #[serde(default)]
     pub allow: Vec<String>,
     /// Variables scripts may set with `ngx.var.NAME = v` (nginx's `set $NAME`), with their initial value.

@@ -118,10 +118,12 @@ impl Luagate {
             .stdout(out)
             .stderr(err)
             .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG");
-        // LUAGATE_T_RUST_LOG=debug passes a log filter through, for debugging a case.
+            .env_remove("RUST_LOG")
+            .env_remove("LUAGATE_LOG");
+        // LUAGATE_T_RUST_LOG=debug passes a log filter through (luagate's LUAGATE_LOG),
+        // for debugging a case.
         if let Ok(filter) = std::env::var("LUAGATE_T_RUST_LOG") {
-            cmd.env("RUST_LOG", filter);
+            cmd.env("LUAGATE_LOG", filter);
         }
         #[cfg(target_os = "linux")]
         {

@@ -39,6 +39,8 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    #[error("no connection to {peer} within {after:?}: {why}")]
+    Saturated { peer: std::net::SocketAddr, after: Duration, why: &'static str },
     #[error("upstream {peer} sent no response headers within {after:?}")]
     ReadTimeout { peer: std::net::SocketAddr, after: Duration },
     #[error("request deadline of {after:?} exceeded")]
@@ -59,6 +61,7 @@ impl ProxyError {
             Self::NoPeer { .. }
             | Self::Connect { .. }
             | Self::ConnectTimeout { .. }
+            | Self::Saturated { .. }
             | Self::Upstream { .. }
             | Self::ReadTimeout { .. }
             | Self::Deadline { .. } => Side::Upstream,

@@ -62,6 +62,7 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
         | ProxyError::ConnectTimeout { .. }
         | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, Code::Unavailable),
         ProxyError::ReadTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable),
+        ProxyError::Saturated { .. } => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
         ProxyError::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
         ProxyError::Lua(_) => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         // nginx's 499: the client closed the request.

@@ -13,8 +13,17 @@
 //! drops the rest; it waits for the client's next bytes itself (with the
 //! header-read deadline hyper had), and builds a new hyper connection for
 //! them. See benches/NOTES.md, section 4.
+//!
+//! Deadlines (docs/security.md): the first request head must be complete
+//! within `header_read_timeout` of the accept (of the TLS handshake's end);
+//! between requests a connection waits `keepalive_timeout` for the next
+//! one's first byte, and its head then gets `header_read_timeout`; a write
+//! the client does not take for `send_timeout` ends the connection. HTTP/2
+//! connections have their own (`super::h2`). A connection waiting for a
+//! request is idle: the worker may shed it ([`Tracker::shed`]) to make room.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -24,7 +33,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -32,34 +41,44 @@ use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::{service_fn, Service};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
-use super::LocalExec;
-use crate::config::reload;
 use crate::config::snapshot::{Limits, Listener};
+use crate::limit::fds::Fd;
 use crate::phase::body::ResponseBody;
 use crate::phase::pipeline::{self, ConnInfo, Worker};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Counts a worker's open connections, so shutdown can wait for them.
+/// Counts a worker's open connections, so shutdown can wait for them, and
+/// knows which are idle (waiting for a request), so that the newest of
+/// those can be shed when the worker or the process runs short.
 #[derive(Default)]
 pub struct Tracker {
     open: Cell<usize>,
-    idle: Notify,
+    drained: Notify,
+    /// Idle connections by the order they became idle, each with the waker
+    /// of its task once polled; a shed connection's entry is taken away.
+    idle: RefCell<BTreeMap<u64, Option<Waker>>>,
+    next_idle: Cell<u64>,
 }
 
-pub struct Entered(Rc<Tracker>);
+/// A connection counted by its worker's [`Tracker`] and in the process's
+/// descriptor budget.
+pub struct Entered {
+    tracker: Rc<Tracker>,
+    _fd: Fd,
+}
 
 impl Tracker {
     pub fn enter(self: &Rc<Self>) -> Entered {
         self.open.set(self.open.get() + 1);
-        Entered(Rc::clone(self))
+        Entered { tracker: Rc::clone(self), _fd: Fd::open() }
     }
 
     pub fn open(&self) -> usize {
@@ -69,18 +88,79 @@ impl Tracker {
     /// Resolves when no connection is open.
     pub async fn drained(&self) {
         while self.open.get() > 0 {
-            self.idle.notified().await;
+            self.drained.notified().await;
         }
+    }
+
+    /// Closes up to `n` idle connections, the ones idle for the shortest time
+    /// first (a flood of connections that send nothing sheds itself, not the
+    /// established clients between two requests); returns how many.
+    pub fn shed(&self, n: usize) -> usize {
+        let mut wakers = Vec::new();
+        let mut shed = 0;
+        {
+            let mut idle = self.idle.borrow_mut();
+            while shed < n {
+                let Some((_, waker)) = idle.pop_last() else { break };
+                wakers.extend(waker);
+                shed += 1;
+            }
+        }
+        wakers.into_iter().for_each(Waker::wake);
+        shed
+    }
+
+    /// Connections idle now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    /// Counts the caller's connection as idle until the slot is dropped.
+    pub(super) fn idle_slot(&self) -> IdleSlot<'_> {
+        let seq = self.next_idle.get();
+        self.next_idle.set(seq + 1);
+        self.idle.borrow_mut().insert(seq, None);
+        IdleSlot { tracker: self, seq }
     }
 }
 
 impl Drop for Entered {
     fn drop(&mut self) {
-        let t = &self.0;
+        let t = &self.tracker;
         t.open.set(t.open.get() - 1);
         if t.open.get() == 0 {
-            t.idle.notify_waiters();
+            t.drained.notify_waiters();
         }
+    }
+}
+
+/// A connection's place among its worker's idle ones.
+pub(super) struct IdleSlot<'a> {
+    tracker: &'a Tracker,
+    seq: u64,
+}
+
+impl IdleSlot<'_> {
+    /// Resolves when the worker sheds the connection.
+    pub(super) fn shed(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            let mut idle = self.tracker.idle.borrow_mut();
+            match idle.get_mut(&self.seq) {
+                None => Poll::Ready(()),
+                Some(waker) => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+    }
+}
+
+impl Drop for IdleSlot<'_> {
+    fn drop(&mut self) {
+        self.tracker.idle.borrow_mut().remove(&self.seq);
     }
 }
 
@@ -97,19 +177,12 @@ enum Mode {
 pub fn serve(
     stream: TcpStream,
     client: SocketAddr,
-    local: SocketAddr,
+    listener: Arc<Listener>,
+    limits: Arc<Limits>,
     worker: Rc<Worker>,
     entered: Entered,
     stop: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> {
-    let found = {
-        let snap = reload::current();
-        snap.listener(local).map(|l| (l.clone(), snap.limits.clone()))
-    };
-    let Some((listener, limits)) = found else {
-        // The listener was removed by a reload.
-        return Either::Left(Box::pin(std::future::ready(())) as Pin<Box<dyn Future<Output = ()>>>);
-    };
     if listener.tls.is_some() {
         return Either::Left(Box::pin(serve_tls(stream, client, listener, limits, worker, entered, stop)));
     }
@@ -119,14 +192,15 @@ pub fn serve(
         _ => Mode::Auto,
     };
     let service = service(Rc::new(ConnInfo::new(client, listener, false)), worker);
-    Either::Right(serve_conn(Conn { io: Io::new(stream, None), service, limits, stop, _entered: entered }, mode))
+    let io = Io::new(stream, limits.send_timeout);
+    Either::Right(serve_conn(Conn { io, service, limits, stop, _entered: entered }, mode))
 }
 
 async fn serve_tls(
     stream: TcpStream,
     client: SocketAddr,
     listener: Arc<Listener>,
-    limits: Limits,
+    limits: Arc<Limits>,
     worker: Rc<Worker>,
     entered: Entered,
     stop: watch::Receiver<bool>,
@@ -146,7 +220,8 @@ async fn serve_tls(
     };
     let mode = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") { Mode::Http2 } else { Mode::Http1 };
     let service = service(Rc::new(ConnInfo::new(client, listener, true)), worker);
-    serve_conn(Conn { io: Io::new(tls_stream, None), service, limits, stop, _entered: entered }, mode).await
+    let io = Io::new(tls_stream, limits.send_timeout);
+    serve_conn(Conn { io, service, limits, stop, _entered: entered }, mode).await
 }
 
 /// The pipeline as the connection's hyper service.
@@ -163,7 +238,7 @@ fn service(
 struct Conn<I, S> {
     io: Io<I>,
     service: S,
-    limits: Limits,
+    limits: Arc<Limits>,
     stop: watch::Receiver<bool>,
     _entered: Entered,
 }
@@ -184,20 +259,24 @@ where
         // An async block takes only the fields of `c` it uses: this keeps the
         // connection counted (for a graceful shutdown) until its task ends.
         let _entered = &c._entered;
+        let tracker = &*c._entered.tracker;
         let mut watching = !*c.stop.borrow();
         // True when a shutdown had begun before the connection started.
         let mut graceful = !watching;
         // Cleartext HTTP/1.1 or h2c, told apart as hyper-util's auto server
         // does: by whether the first bytes are the HTTP/2 preface.
         let mut detecting = matches!(mode, Mode::Auto);
-        // The deadline of the wait for the next request head: hyper's
-        // header-read timer would start now, with the connection; the auto
-        // server sets none until the version is known.
+        // The deadline of the wait for the next request head: the first
+        // request's head is due within header_read_timeout of the accept
+        // (whichever protocol it turns out to be).
         let mut deadline = match mode {
-            Mode::Http2 => return ended(Box::pin(serve_h2(c.io, c.service, &c.limits, c.stop)).await),
-            Mode::Http1 => Some(Instant::now() + c.limits.header_read_timeout),
-            Mode::Auto => None,
+            Mode::Http2 => return ended(Box::pin(super::h2::serve(c.io, c.service, &c.limits, c.stop, tracker)).await),
+            Mode::Http1 | Mode::Auto => Instant::now() + c.limits.header_read_timeout,
         };
+        // The wait is between two requests, no byte of the next one seen: its
+        // deadline is keepalive_timeout's, and the first byte gives the head
+        // header_read_timeout from then.
+        let mut between = false;
         // Which wait for a request head (counted from 1 in each hyper
         // connection) may be the one to give the connection up at.
         let mut first_idle_wait = 1;
@@ -210,29 +289,44 @@ where
                 if graceful {
                     return ended(if detecting { Err(cancelled()) } else { shutdown(&mut c.io).await });
                 }
-                let expired = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d.into()).await,
-                        None => std::future::pending().await,
-                    }
-                };
+                // Bytes that are there already (a new connection's request
+                // usually is) are taken before the connection counts as idle.
+                let ready = poll_fn(|cx| Poll::Ready(c.io.poll_read_idle(cx))).await;
+                // Waiting with no byte in hand: the worker may shed it.
+                let slot = (ready.is_pending() && c.io.prefix.is_none()).then(|| tracker.idle_slot());
+                let expired = tokio::time::sleep_until(deadline.into());
                 tokio::pin!(expired);
-                let read = loop {
-                    tokio::select! {
-                        read = poll_fn(|cx| c.io.poll_read_idle(cx)) => break Some(read),
-                        () = &mut expired => break None,
-                        changed = c.stop.changed(), if watching => {
-                            watching = false;
-                            if changed.is_ok() {
-                                graceful = true;
-                                break None;
+                let woke = if let Poll::Ready(read) = ready {
+                    Woke::Read(read)
+                } else {
+                    loop {
+                        tokio::select! {
+                            read = poll_fn(|cx| c.io.poll_read_idle(cx)) => break Woke::Read(read),
+                            () = &mut expired => break Woke::Closing,
+                            () = shed_of(slot.as_ref()) => break Woke::Closing,
+                            changed = c.stop.changed(), if watching => {
+                                watching = false;
+                                if changed.is_ok() {
+                                    graceful = true;
+                                    break Woke::Stopping;
+                                }
                             }
                         }
                     }
                 };
+                drop(slot);
+                let read = match woke {
+                    Woke::Read(read) => read,
+                    Woke::Stopping => continue,
+                    Woke::Closing => return ended(shutdown(&mut c.io).await),
+                };
+                if between && read.as_ref().is_ok_and(|b| !b.is_empty()) {
+                    between = false;
+                    deadline = Instant::now() + c.limits.header_read_timeout;
+                }
                 if detecting {
                     match read {
-                        Some(Ok(bytes)) => {
+                        Ok(bytes) => {
                             let end = bytes.is_empty();
                             let seen = match c.io.prefix.take() {
                                 Some(prefix) => [&prefix[..], &bytes[..]].concat().into(),
@@ -241,7 +335,9 @@ where
                             let n = seen.len().min(H2_PREFACE.len());
                             if seen[..n] == H2_PREFACE[..n] && n == H2_PREFACE.len() {
                                 c.io.prefix = Some(seen);
-                                return ended(Box::pin(serve_h2(c.io, c.service, &c.limits, c.stop)).await);
+                                return ended(
+                                    Box::pin(super::h2::serve(c.io, c.service, &c.limits, c.stop, tracker)).await,
+                                );
                             }
                             // The end of the stream or other bytes than the
                             // preface's: HTTP/1.1 (and hyper sees the end).
@@ -251,17 +347,16 @@ where
                                 return ended(shutdown(&mut c.io).await);
                             }
                         }
-                        Some(Err(e)) => return ended(Err(e.into())),
-                        None => {} // cancelled (graceful): see above
+                        Err(e) => return ended(Err(e.into())),
                     }
                     continue;
                 }
                 match read {
-                    Some(Ok(bytes)) if !bytes.is_empty() => c.io.prefix = Some(bytes),
+                    Ok(bytes) if !bytes.is_empty() => c.io.prefix = Some(bytes),
                     _ => return ended(shutdown(&mut c.io).await),
                 }
             }
-            let watch = Arc::new(Watch::new(deadline));
+            let watch = Arc::new(Watch::new(deadline, &c.limits));
             c.io.watch = Some(Arc::clone(&watch));
             // Boxed, so that the task of an idle connection is small.
             let mut conn = Box::new(
@@ -299,10 +394,14 @@ where
             // the connection's than the socket and (rarely) part of a request
             // head. (Before `into_parts`, which drops hyper's timer and so
             // ends the wait.)
-            deadline = watch.head().deadline;
+            (deadline, between) = {
+                let head = watch.head();
+                (head.deadline.unwrap_or_else(|| Instant::now() + c.limits.keepalive_timeout), head.between)
+            };
             let parts = conn.into_parts();
             c.io = parts.io;
             c.io.watch = None;
+            c.io.idle();
             c.service = parts.service;
             first_idle_wait = 1;
             if !parts.read_buf.is_empty() {
@@ -316,10 +415,24 @@ where
     }
 }
 
-/// The pipeline's future of one HTTP/2 stream.
-type StreamFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>>>>;
+/// What ended an idle connection's wait.
+enum Woke {
+    Read(io::Result<Bytes>),
+    /// Its deadline passed, or the worker shed it.
+    Closing,
+    /// A graceful shutdown began.
+    Stopping,
+}
 
-fn ended(res: Result<(), BoxError>) {
+/// Resolves when the worker sheds the connection holding `slot` (never without one).
+pub(super) async fn shed_of(slot: Option<&IdleSlot<'_>>) {
+    match slot {
+        Some(slot) => slot.shed().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) fn ended(res: Result<(), BoxError>) {
     if let Err(e) = res {
         tracing::debug!(error = %e, "connection ended with an error");
     }
@@ -332,41 +445,7 @@ fn cancelled() -> BoxError {
 }
 
 /// HTTP/2 connection preface, which a prior-knowledge h2c client sends first.
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-async fn serve_h2<I, S>(io: Io<I>, service: S, limits: &Limits, mut stop: watch::Receiver<bool>) -> Result<(), BoxError>
-where
-    I: AsyncRead + AsyncWrite + Unpin + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible> + 'static,
-    S::Future: 'static,
-{
-    // hyper spawns a task per stream that holds the service's future: boxed, what the
-    // spawn moves is a pointer, not the pipeline's ~4 KB state (several copies per stream).
-    let service = service_fn(move |req| -> StreamFuture { Box::pin(service.call(req)) });
-    let mut conn = Box::pin(
-        http2::Builder::new(LocalExec)
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
-            .adaptive_window(true)
-            .max_concurrent_streams(1024)
-            .serve_connection(io, service),
-    );
-    let mut stopping = *stop.borrow();
-    if stopping {
-        conn.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            res = conn.as_mut() => return res.map_err(Into::into),
-            changed = stop.changed(), if !stopping => {
-                stopping = true;
-                if changed.is_ok() {
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-        }
-    }
-}
+pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Shuts the socket down, as hyper does when it closes a connection.
 async fn shutdown<I>(io: &mut Io<I>) -> Result<(), BoxError>
@@ -386,17 +465,65 @@ const IDLE_LINGER: Duration = Duration::from_millis(100);
 const IDLE_READ: usize = 4096;
 
 /// The client's stream as hyper's IO: bytes read before the hyper connection
-/// existed are handed to it first, and what an HTTP/1.1 connection does on
-/// the socket is noted in its [`Watch`].
-struct Io<I> {
+/// existed are handed to it first, what an HTTP/1.1 connection does on the
+/// socket is noted in its [`Watch`], and a write that cannot go out for
+/// `send_timeout` fails (nginx's `send_timeout`: the time between two writes
+/// that make progress, not the whole response).
+pub(super) struct Io<I> {
     inner: TokioIo<I>,
     prefix: Option<Bytes>,
     watch: Option<Arc<Watch>>,
+    send_timeout: Duration,
+    /// Armed while a write waits for the socket; kept for the next wait
+    /// while the connection serves, dropped when it goes idle.
+    send_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last write (or flush) could not go out.
+    send_blocked: bool,
 }
 
 impl<I> Io<I> {
-    fn new(inner: I, prefix: Option<Bytes>) -> Self {
-        Self { inner: TokioIo::new(inner), prefix, watch: None }
+    fn new(inner: I, send_timeout: Duration) -> Self {
+        Self {
+            inner: TokioIo::new(inner),
+            prefix: None,
+            watch: None,
+            send_timeout,
+            send_timer: None,
+            send_blocked: false,
+        }
+    }
+
+    /// The connection waits for a request: nothing is being written.
+    fn idle(&mut self) {
+        self.send_timer = None;
+        self.send_blocked = false;
+    }
+
+    /// `res` of a write or flush, failed with TimedOut once writes have made
+    /// no progress for `send_timeout`.
+    fn send_progress<T>(&mut self, res: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if res.is_ready() {
+            self.send_blocked = false;
+            return res;
+        }
+        let at = tokio::time::Instant::now() + self.send_timeout;
+        let timer = match &mut self.send_timer {
+            Some(timer) => {
+                if !self.send_blocked {
+                    timer.as_mut().reset(at);
+                }
+                timer
+            }
+            None => self.send_timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        self.send_blocked = true;
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client took nothing within send_timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -426,6 +553,10 @@ impl<I: AsyncRead + Unpin> Read for Io<I> {
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Some(w) = &this.watch {
             w.read_blocked.store(res.is_pending(), Ordering::Relaxed);
+            // Bytes (or the end of the stream) in a wait between requests.
+            if res.is_ready() && w.between.load(Ordering::Relaxed) {
+                w.first_byte();
+            }
         }
         res
     }
@@ -435,7 +566,8 @@ impl<I: AsyncWrite + Unpin> Write for Io<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.wrote();
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.send_progress(res, cx)
     }
 
     fn poll_write_vectored(
@@ -445,7 +577,8 @@ impl<I: AsyncWrite + Unpin> Write for Io<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.wrote();
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.send_progress(res, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -458,11 +591,13 @@ impl<I: AsyncWrite + Unpin> Write for Io<I> {
         if let (Poll::Ready(Ok(())), Some(w)) = (&res, &this.watch) {
             w.unflushed.store(false, Ordering::Relaxed);
         }
-        res
+        this.send_progress(res, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.send_progress(res, cx)
     }
 }
 
@@ -482,12 +617,24 @@ impl<I> Io<I> {
 /// last read having found nothing, hyper has nothing in hand but the socket
 /// and its read buffer. The connection is given up once such a wait has
 /// lasted [`IDLE_LINGER`].
+///
+/// It also keeps the deadlines of those waits: the first continues the wait
+/// `serve_conn` began (`carried`); a later one, between two requests, lasts
+/// `keepalive_timeout` until a byte of the next request arrives, then
+/// `header_read_timeout` from that byte.
 struct Watch {
     head: Mutex<HeadWait>,
     /// Something was written since the last successful flush.
     unflushed: AtomicBool,
     /// The last read from the socket found nothing to read.
     read_blocked: AtomicBool,
+    /// The current wait is between requests and has seen no byte (a copy of
+    /// `HeadWait::between`, read on every read without the lock).
+    between: AtomicBool,
+    /// The current wait's deadline moved (its first byte came).
+    moved: AtomicBool,
+    header_read_timeout: Duration,
+    keepalive_timeout: Duration,
 }
 
 struct HeadWait {
@@ -497,17 +644,41 @@ struct HeadWait {
     deadline: Option<Instant>,
     /// The current wait has lasted [`IDLE_LINGER`].
     lingered: bool,
-    /// The deadline of the wait this connection continues, if any: it bounds
-    /// its first wait.
+    /// The deadline of the wait this connection continues: it bounds its
+    /// first wait.
     carried: Option<Instant>,
+    /// The current wait is between two requests and no byte of the next has come.
+    between: bool,
 }
 
 impl Watch {
-    fn new(carried: Option<Instant>) -> Self {
+    fn new(carried: Instant, limits: &Limits) -> Self {
         Self {
-            head: Mutex::new(HeadWait { waits: 0, deadline: None, lingered: false, carried }),
+            head: Mutex::new(HeadWait {
+                waits: 0,
+                deadline: None,
+                lingered: false,
+                carried: Some(carried),
+                between: false,
+            }),
             unflushed: AtomicBool::new(false),
             read_blocked: AtomicBool::new(false),
+            between: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
+            header_read_timeout: limits.header_read_timeout,
+            keepalive_timeout: limits.keepalive_timeout,
+        }
+    }
+
+    /// The first byte of a request came in a wait between requests: its head
+    /// has `header_read_timeout` from now.
+    fn first_byte(&self) {
+        self.between.store(false, Ordering::Relaxed);
+        let mut head = self.head();
+        if head.between && head.deadline.is_some() {
+            head.between = false;
+            head.deadline = Some(Instant::now() + self.header_read_timeout);
+            self.moved.store(true, Ordering::Relaxed);
         }
     }
 
@@ -536,10 +707,18 @@ impl hyper::rt::Timer for HeadTimer {
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         let (deadline, wait) = {
             let mut head = self.0.head();
-            let deadline = head.carried.take().map_or(deadline, |c| c.min(deadline));
             head.waits += 1;
+            let (deadline, between) = match head.carried.take() {
+                Some(carried) => (carried.min(deadline), false),
+                None if head.waits == 1 => (deadline, false),
+                // Waiting for the next request on a kept-alive connection.
+                None => (Instant::now() + self.0.keepalive_timeout, true),
+            };
             head.deadline = Some(deadline);
             head.lingered = false;
+            head.between = between;
+            self.0.between.store(between, Ordering::Relaxed);
+            self.0.moved.store(false, Ordering::Relaxed);
             (deadline, head.waits)
         };
         let linger = (Instant::now() + IDLE_LINGER).min(deadline);
@@ -568,6 +747,19 @@ impl Future for HeadSleep {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
+        if this.guard.watch.moved.swap(false, Ordering::Relaxed) {
+            let head = this.guard.watch.head();
+            if let (true, Some(moved)) = (head.waits == this.guard.wait, head.deadline) {
+                drop(head);
+                if this.deadline.is_some() && moved > this.sleep.deadline().into_std() {
+                    // Still lingering: the linger ends first.
+                    *this.deadline = Some(moved);
+                } else {
+                    *this.deadline = None;
+                    this.sleep.as_mut().reset(moved.into());
+                }
+            }
+        }
         if let Some(deadline) = *this.deadline {
             ready!(this.sleep.as_mut().poll(cx));
             *this.deadline = None;
@@ -595,6 +787,8 @@ impl Drop for HeadGuard {
         let mut head = self.watch.head();
         if head.waits == self.wait {
             head.deadline = None;
+            head.between = false;
+            self.watch.between.store(false, Ordering::Relaxed);
         }
     }
 }

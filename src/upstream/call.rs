@@ -80,7 +80,10 @@ pub async fn call(
             }
         };
         let peer = &peer;
-        let conn = match pool.checkout(peer.addr, upstream.protocol, upstream.keepalive, timeouts.connect).await {
+        let conn = match pool
+            .checkout(peer.addr, upstream.protocol, upstream.keepalive, upstream.conns, timeouts.connect)
+            .await
+        {
             Ok(c) => c,
             Err(e) if e.is_retryable() => {
                 tracing::warn!(upstream = %upstream.name, peer = %peer.addr, error = %e, "peer failed, trying the next one");
@@ -204,7 +207,7 @@ mod tests {
 
     use super::*;
     use crate::upstream::balancer::{Balancer, Policy};
-    use crate::upstream::{peer_stats, Keepalive, Protocol, Timeouts};
+    use crate::upstream::{peer_stats, ConnLimit, Keepalive, Protocol, Timeouts};
 
     /// How the peer ends the kept-alive connection under the second request.
     #[derive(Clone, Copy)]
@@ -284,6 +287,7 @@ mod tests {
                 send: Duration::from_secs(2),
                 read: Duration::from_secs(2),
             },
+            conns: ConnLimit::default(),
         }
     }
 

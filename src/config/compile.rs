@@ -636,3 +636,47 @@ impl Compiler {
 fn one_line(s: &str) -> String {
     s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compiled(yaml: &str) -> Snapshot {
+        let cfg: FileConfig = serde_yaml_ng::from_str(yaml).expect("yaml");
+        match compile(cfg, Path::new("/tmp/luagate-test.yaml")) {
+            Ok(s) => s,
+            Err(f) => panic!("{:?}", f.errors),
+        }
+    }
+
+    #[test]
+    fn connection_limits_default_to_nginx_values() {
+        let snap = compiled(
+            "listen: [ { addr: \"127.0.0.1:1\" } ]\nupstreams: { a: { peers: [ { addr: \"127.0.0.1:2\" } ] } }\n",
+        );
+        let l = &snap.limits;
+        assert_eq!(l.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(l.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(l.send_timeout, Duration::from_secs(60));
+        assert_eq!(l.http2_max_concurrent_streams, 128);
+        assert_eq!(l.worker_connections, 10240);
+        assert_eq!((l.http2_send_buffer, l.http2_recv_window), (1 << 20, 1 << 20));
+        let a = &snap.upstreams["a"].conns;
+        assert_eq!((a.max, a.queue_timeout), (1024, Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn connection_limits_are_read() {
+        let snap = compiled(
+            "listen: [ { addr: \"127.0.0.1:1\" } ]\n\
+             limits: { keepalive_timeout: 5s, send_timeout: 2s, worker_connections: 9, http2_max_concurrent_streams: 3, http2_send_buffer: 64k, http2_recv_window: 128k }\n\
+             upstreams: { a: { peers: [ { addr: \"127.0.0.1:2\" } ], max_conns: 0, queue_timeout: 250ms } }\n",
+        );
+        let l = &snap.limits;
+        assert_eq!((l.keepalive_timeout, l.send_timeout), (Duration::from_secs(5), Duration::from_secs(2)));
+        assert_eq!((l.worker_connections, l.http2_max_concurrent_streams), (9, 3));
+        assert_eq!((l.http2_send_buffer, l.http2_recv_window), (64 << 10, 128 << 10));
+        let a = &snap.upstreams["a"].conns;
+        assert_eq!((a.max, a.queue_timeout), (0, Duration::from_millis(250)));
+    }
+}

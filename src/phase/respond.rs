@@ -123,4 +123,15 @@ mod tests {
         let r = error(&ProxyError::Deadline { after: std::time::Duration::from_secs(1) }, true, None);
         assert_eq!(r.headers()["grpc-status"], "4");
     }
+
+    #[test]
+    fn no_free_upstream_connection_is_503_or_unavailable() {
+        let err = ProxyError::Saturated {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            after: std::time::Duration::from_secs(1),
+            why: "max_conns reached",
+        };
+        assert_eq!(error(&err, false, None).status(), 503);
+        assert_eq!(error(&err, true, None).headers()["grpc-status"], "14");
+    }
 }

@@ -792,3 +792,30 @@ impl Drop for HeadGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shed_now(slot: &IdleSlot<'_>) -> bool {
+        let fut = std::pin::pin!(slot.shed());
+        fut.poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    #[test]
+    fn the_newest_idle_connections_are_shed_first() {
+        let tracker = Tracker::default();
+        let (oldest, middle, newest) = (tracker.idle_slot(), tracker.idle_slot(), tracker.idle_slot());
+        assert!(!shed_now(&newest));
+        assert_eq!(tracker.shed(2), 2);
+        assert!(shed_now(&newest) && shed_now(&middle) && !shed_now(&oldest));
+        assert_eq!(tracker.idle_count(), 1);
+        drop((middle, newest));
+        // A connection that stopped being idle is not shed.
+        drop(oldest);
+        assert_eq!(tracker.shed(1), 0);
+        let again = tracker.idle_slot();
+        assert_eq!(tracker.shed(5), 1);
+        assert!(shed_now(&again));
+    }
+}

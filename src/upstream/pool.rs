@@ -61,10 +61,19 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let Some(pool) = self.pool.upgrade() else { return };
-        let mut peers = pool.peers.borrow_mut();
-        if let Some(p) = peers.get_mut(&self.peer) {
-            p.open = p.open.saturating_sub(1);
-            p.freed.notify_one();
+        let peer = self.peer;
+        let release = move |pool: &Pool| {
+            if let Some(p) = pool.peers.borrow_mut().get_mut(&peer) {
+                p.open = p.open.saturating_sub(1);
+                p.freed.notify_one();
+            }
+        };
+        // Never dropped while the pool is borrowed today; should that change,
+        // the count is released a moment later instead of panicking.
+        if pool.peers.try_borrow_mut().is_ok() {
+            release(&pool);
+        } else {
+            tokio::task::spawn_local(async move { release(&pool) });
         }
     }
 }

@@ -115,12 +115,10 @@ impl Tracker {
         self.idle.borrow().len()
     }
 
-    /// Counts the caller's connection as idle until the slot is dropped.
-    pub(super) fn idle_slot(&self) -> IdleSlot<'_> {
-        let seq = self.next_idle.get();
-        self.next_idle.set(seq + 1);
-        self.idle.borrow_mut().insert(seq, None);
-        IdleSlot { tracker: self, seq }
+    /// A wait that counts the caller's connection as idle from its first
+    /// poll until it is dropped, and resolves if the connection is shed.
+    pub(super) fn idle_wait(&self) -> IdleWait<'_> {
+        IdleWait { tracker: self, seq: UNREGISTERED }
     }
 }
 
@@ -134,33 +132,43 @@ impl Drop for Entered {
     }
 }
 
-/// A connection's place among its worker's idle ones.
-pub(super) struct IdleSlot<'a> {
+/// A connection's place among its worker's idle ones (see [`Tracker::idle_wait`]).
+pub(super) struct IdleWait<'a> {
     tracker: &'a Tracker,
+    /// Its key in the tracker's idle map, from its first poll ([`UNREGISTERED`] before).
     seq: u64,
 }
 
-impl IdleSlot<'_> {
-    /// Resolves when the worker sheds the connection.
-    pub(super) fn shed(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(move |cx| {
-            let mut idle = self.tracker.idle.borrow_mut();
-            match idle.get_mut(&self.seq) {
-                None => Poll::Ready(()),
-                Some(waker) => {
-                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        *waker = Some(cx.waker().clone());
-                    }
-                    Poll::Pending
+const UNREGISTERED: u64 = u64::MAX;
+
+impl Future for IdleWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let mut idle = this.tracker.idle.borrow_mut();
+        if this.seq == UNREGISTERED {
+            this.seq = this.tracker.next_idle.get();
+            this.tracker.next_idle.set(this.seq + 1);
+            idle.insert(this.seq, None);
+        }
+        match idle.get_mut(&this.seq) {
+            None => Poll::Ready(()),
+            Some(waker) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
                 }
+                Poll::Pending
             }
-        })
+        }
     }
 }
 
-impl Drop for IdleSlot<'_> {
+impl Drop for IdleWait<'_> {
     fn drop(&mut self) {
-        self.tracker.idle.borrow_mut().remove(&self.seq);
+        if self.seq != UNREGISTERED {
+            self.tracker.idle.borrow_mut().remove(&self.seq);
+        }
     }
 }
 
@@ -192,8 +200,8 @@ pub fn serve(
         _ => Mode::Auto,
     };
     let service = service(Rc::new(ConnInfo::new(client, listener, false)), worker);
-    let io = Io::new(stream, limits.send_timeout);
-    Either::Right(serve_conn(Conn { io, service, limits, stop, _entered: entered }, mode))
+    let io = Io::new(stream, limits);
+    Either::Right(serve_conn(Conn { io, service, stop, _entered: entered }, mode))
 }
 
 async fn serve_tls(
@@ -220,8 +228,8 @@ async fn serve_tls(
     };
     let mode = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") { Mode::Http2 } else { Mode::Http1 };
     let service = service(Rc::new(ConnInfo::new(client, listener, true)), worker);
-    let io = Io::new(tls_stream, limits.send_timeout);
-    serve_conn(Conn { io, service, limits, stop, _entered: entered }, mode).await
+    let io = Io::new(tls_stream, limits);
+    serve_conn(Conn { io, service, stop, _entered: entered }, mode).await
 }
 
 /// The pipeline as the connection's hyper service.
@@ -238,7 +246,6 @@ fn service(
 struct Conn<I, S> {
     io: Io<I>,
     service: S,
-    limits: Arc<Limits>,
     stop: watch::Receiver<bool>,
     _entered: Entered,
 }
@@ -256,9 +263,8 @@ where
     S::Future: 'static,
 {
     async move {
-        // An async block takes only the fields of `c` it uses: this keeps the
-        // connection counted (for a graceful shutdown) until its task ends.
-        let _entered = &c._entered;
+        // An async block takes only the fields of `c` it uses: this one keeps
+        // the connection counted (for a graceful shutdown) until its task ends.
         let tracker = &*c._entered.tracker;
         let mut watching = !*c.stop.borrow();
         // True when a shutdown had begun before the connection started.
@@ -270,8 +276,8 @@ where
         // request's head is due within header_read_timeout of the accept
         // (whichever protocol it turns out to be).
         let mut deadline = match mode {
-            Mode::Http2 => return ended(Box::pin(super::h2::serve(c.io, c.service, &c.limits, c.stop, tracker)).await),
-            Mode::Http1 | Mode::Auto => Instant::now() + c.limits.header_read_timeout,
+            Mode::Http2 => return ended(Box::pin(super::h2::serve(c.io, c.service, c.stop, tracker)).await),
+            Mode::Http1 | Mode::Auto => Instant::now() + c.io.limits.header_read_timeout,
         };
         // The wait is between two requests, no byte of the next one seen: its
         // deadline is keepalive_timeout's, and the first byte gives the head
@@ -289,32 +295,29 @@ where
                 if graceful {
                     return ended(if detecting { Err(cancelled()) } else { shutdown(&mut c.io).await });
                 }
-                // Bytes that are there already (a new connection's request
-                // usually is) are taken before the connection counts as idle.
-                let ready = poll_fn(|cx| Poll::Ready(c.io.poll_read_idle(cx))).await;
-                // Waiting with no byte in hand: the worker may shed it.
-                let slot = (ready.is_pending() && c.io.prefix.is_none()).then(|| tracker.idle_slot());
+                // Waiting with no byte in hand, the connection is idle (the
+                // worker may shed it) once a read found nothing: bytes that are
+                // there already (a new connection's request usually is) are
+                // taken first.
+                let mut idle = c.io.prefix.is_none().then(|| tracker.idle_wait());
                 let expired = tokio::time::sleep_until(deadline.into());
                 tokio::pin!(expired);
-                let woke = if let Poll::Ready(read) = ready {
-                    Woke::Read(read)
-                } else {
-                    loop {
-                        tokio::select! {
-                            read = poll_fn(|cx| c.io.poll_read_idle(cx)) => break Woke::Read(read),
-                            () = &mut expired => break Woke::Closing,
-                            () = shed_of(slot.as_ref()) => break Woke::Closing,
-                            changed = c.stop.changed(), if watching => {
-                                watching = false;
-                                if changed.is_ok() {
-                                    graceful = true;
-                                    break Woke::Stopping;
-                                }
+                let woke = loop {
+                    tokio::select! {
+                        biased;
+                        read = poll_fn(|cx| c.io.poll_read_idle(cx)) => break Woke::Read(read),
+                        () = &mut expired => break Woke::Closing,
+                        () = shed_of(idle.as_mut()) => break Woke::Closing,
+                        changed = c.stop.changed(), if watching => {
+                            watching = false;
+                            if changed.is_ok() {
+                                graceful = true;
+                                break Woke::Stopping;
                             }
                         }
                     }
                 };
-                drop(slot);
+                drop(idle);
                 let read = match woke {
                     Woke::Read(read) => read,
                     Woke::Stopping => continue,
@@ -322,7 +325,7 @@ where
                 };
                 if between && read.as_ref().is_ok_and(|b| !b.is_empty()) {
                     between = false;
-                    deadline = Instant::now() + c.limits.header_read_timeout;
+                    deadline = Instant::now() + c.io.limits.header_read_timeout;
                 }
                 if detecting {
                     match read {
@@ -335,9 +338,7 @@ where
                             let n = seen.len().min(H2_PREFACE.len());
                             if seen[..n] == H2_PREFACE[..n] && n == H2_PREFACE.len() {
                                 c.io.prefix = Some(seen);
-                                return ended(
-                                    Box::pin(super::h2::serve(c.io, c.service, &c.limits, c.stop, tracker)).await,
-                                );
+                                return ended(Box::pin(super::h2::serve(c.io, c.service, c.stop, tracker)).await);
                             }
                             // The end of the stream or other bytes than the
                             // preface's: HTTP/1.1 (and hyper sees the end).
@@ -356,14 +357,14 @@ where
                     _ => return ended(shutdown(&mut c.io).await),
                 }
             }
-            let watch = Arc::new(Watch::new(deadline, &c.limits));
+            let watch = Arc::new(Watch::new(deadline, &c.io.limits));
             c.io.watch = Some(Arc::clone(&watch));
             // Boxed, so that the task of an idle connection is small.
             let mut conn = Box::new(
                 http1::Builder::new()
                     .timer(HeadTimer(Arc::clone(&watch)))
-                    .header_read_timeout(c.limits.header_read_timeout)
-                    .max_buf_size(c.limits.max_header_size.max(8192))
+                    .header_read_timeout(c.io.limits.header_read_timeout)
+                    .max_buf_size(c.io.limits.max_header_size.max(8192))
                     .keep_alive(true)
                     .serve_connection(c.io, c.service),
             );
@@ -396,7 +397,7 @@ where
             // ends the wait.)
             (deadline, between) = {
                 let head = watch.head();
-                (head.deadline.unwrap_or_else(|| Instant::now() + c.limits.keepalive_timeout), head.between)
+                (head.deadline.unwrap_or_else(|| Instant::now() + watch.keepalive_timeout), head.between)
             };
             let parts = conn.into_parts();
             c.io = parts.io;
@@ -424,10 +425,10 @@ enum Woke {
     Stopping,
 }
 
-/// Resolves when the worker sheds the connection holding `slot` (never without one).
-pub(super) async fn shed_of(slot: Option<&IdleSlot<'_>>) {
-    match slot {
-        Some(slot) => slot.shed().await,
+/// Resolves when the worker sheds the connection waiting on `idle` (never without one).
+pub(super) async fn shed_of(idle: Option<&mut IdleWait<'_>>) {
+    match idle {
+        Some(idle) => idle.await,
         None => std::future::pending().await,
     }
 }
@@ -473,51 +474,55 @@ pub(super) struct Io<I> {
     inner: TokioIo<I>,
     prefix: Option<Bytes>,
     watch: Option<Arc<Watch>>,
-    send_timeout: Duration,
+    /// The connection's limits (its listener's snapshot's).
+    limits: Arc<Limits>,
     /// Armed while a write waits for the socket; kept for the next wait
     /// while the connection serves, dropped when it goes idle.
-    send_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The last write (or flush) could not go out.
-    send_blocked: bool,
+    send_wait: Option<Pin<Box<SendWait>>>,
+}
+
+pin_project_lite::pin_project! {
+    /// The send timer, and whether the last write (or flush) could not go out.
+    struct SendWait {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        blocked: bool,
+    }
 }
 
 impl<I> Io<I> {
-    fn new(inner: I, send_timeout: Duration) -> Self {
-        Self {
-            inner: TokioIo::new(inner),
-            prefix: None,
-            watch: None,
-            send_timeout,
-            send_timer: None,
-            send_blocked: false,
-        }
+    pub(super) fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    fn new(inner: I, limits: Arc<Limits>) -> Self {
+        Self { inner: TokioIo::new(inner), prefix: None, watch: None, limits, send_wait: None }
     }
 
     /// The connection waits for a request: nothing is being written.
     fn idle(&mut self) {
-        self.send_timer = None;
-        self.send_blocked = false;
+        self.send_wait = None;
     }
 
     /// `res` of a write or flush, failed with TimedOut once writes have made
     /// no progress for `send_timeout`.
     fn send_progress<T>(&mut self, res: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         if res.is_ready() {
-            self.send_blocked = false;
+            if let Some(wait) = &mut self.send_wait {
+                *wait.as_mut().project().blocked = false;
+            }
             return res;
         }
-        let at = tokio::time::Instant::now() + self.send_timeout;
-        let timer = match &mut self.send_timer {
-            Some(timer) => {
-                if !self.send_blocked {
-                    timer.as_mut().reset(at);
-                }
-                timer
-            }
-            None => self.send_timer.insert(Box::pin(tokio::time::sleep_until(at))),
-        };
-        self.send_blocked = true;
-        if timer.as_mut().poll(cx).is_ready() {
+        let at = tokio::time::Instant::now() + self.limits.send_timeout;
+        let wait = self
+            .send_wait
+            .get_or_insert_with(|| Box::pin(SendWait { sleep: tokio::time::sleep_until(at), blocked: false }));
+        let mut wait = wait.as_mut().project();
+        if !*wait.blocked {
+            *wait.blocked = true;
+            wait.sleep.as_mut().reset(at);
+        }
+        if wait.sleep.poll(cx).is_ready() {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "client took nothing within send_timeout",
@@ -797,25 +802,29 @@ impl Drop for HeadGuard {
 mod tests {
     use super::*;
 
-    fn shed_now(slot: &IdleSlot<'_>) -> bool {
-        let fut = std::pin::pin!(slot.shed());
-        fut.poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    /// Polls once: true when the connection was shed.
+    fn shed_now(wait: &mut IdleWait<'_>) -> bool {
+        Pin::new(wait).poll(&mut Context::from_waker(Waker::noop())).is_ready()
     }
 
     #[test]
     fn the_newest_idle_connections_are_shed_first() {
         let tracker = Tracker::default();
-        let (oldest, middle, newest) = (tracker.idle_slot(), tracker.idle_slot(), tracker.idle_slot());
-        assert!(!shed_now(&newest));
+        let (mut oldest, mut middle, mut newest) = (tracker.idle_wait(), tracker.idle_wait(), tracker.idle_wait());
+        // Idle from the first poll.
+        assert_eq!(tracker.idle_count(), 0);
+        assert!(!shed_now(&mut oldest) && !shed_now(&mut middle) && !shed_now(&mut newest));
+        assert_eq!(tracker.idle_count(), 3);
         assert_eq!(tracker.shed(2), 2);
-        assert!(shed_now(&newest) && shed_now(&middle) && !shed_now(&oldest));
+        assert!(shed_now(&mut newest) && shed_now(&mut middle) && !shed_now(&mut oldest));
         assert_eq!(tracker.idle_count(), 1);
         drop((middle, newest));
         // A connection that stopped being idle is not shed.
         drop(oldest);
         assert_eq!(tracker.shed(1), 0);
-        let again = tracker.idle_slot();
+        let mut again = tracker.idle_wait();
+        assert!(!shed_now(&mut again));
         assert_eq!(tracker.shed(5), 1);
-        assert!(shed_now(&again));
+        assert!(shed_now(&mut again));
     }
 }

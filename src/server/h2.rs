@@ -22,6 +22,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -38,7 +39,6 @@ use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, Sleep};
 
 use super::connection::{shed_of, BoxError, Io, Tracker};
-use crate::config::snapshot::Limits;
 use crate::phase::body::ResponseBody;
 
 /// How long a connection closed for idleness (or shed) may take to finish
@@ -117,7 +117,6 @@ impl Drop for Stream {
 pub(super) async fn serve<I, S>(
     io: Io<I>,
     service: S,
-    limits: &Limits,
     mut stop: watch::Receiver<bool>,
     tracker: &Tracker,
 ) -> Result<(), BoxError>
@@ -126,6 +125,7 @@ where
     S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible> + 'static,
     S::Future: 'static,
 {
+    let limits = Arc::clone(io.limits());
     let shared = Rc::new(Shared {
         streams: Cell::new(0),
         used: Cell::new(false),
@@ -169,7 +169,7 @@ where
         let idle = closing.is_none() && !stopping && shared.streams.get() == 0;
         let timeout = if shared.used.get() { limits.keepalive_timeout } else { limits.header_read_timeout };
         let idle_at = shared.idle_since.get() + timeout;
-        let slot = idle.then(|| tracker.idle_slot());
+        let mut slot = idle.then(|| tracker.idle_wait());
         let close = tokio::select! {
             res = conn.as_mut() => return res.map_err(Into::into),
             changed = stop.changed(), if !stopping => {
@@ -183,7 +183,7 @@ where
             () = tokio::time::sleep_until(idle_at), if idle => {
                 shared.streams.get() == 0 && shared.idle_since.get() + timeout <= Instant::now()
             }
-            () = shed_of(slot.as_ref()) => shared.streams.get() == 0,
+            () = shed_of(slot.as_mut()) => shared.streams.get() == 0,
             () = shared.quiet.notified(), if !idle => false,
             () = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
                 tracing::debug!("HTTP/2 connection did not close in time: dropped");

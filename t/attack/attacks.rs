@@ -12,9 +12,13 @@ use tokio::net::TcpStream;
 
 use crate::support::{alone, h2, innocent, report, runtime, Gate, Innocence, Sampler};
 
-/// The innocent client asks every INNOCENT_EVERY; each answer must come in full within INNOCENT_WITHIN.
+/// The innocent client asks every INNOCENT_EVERY; each answer must come in
+/// full within INNOCENT_WITHIN. (Typically it takes under 150 ms with a debug
+/// build; the bound leaves room for a shared machine's load.)
 const INNOCENT_EVERY: Duration = Duration::from_millis(100);
-const INNOCENT_WITHIN: Duration = Duration::from_secs(2);
+const INNOCENT_WITHIN: Duration = Duration::from_secs(3);
+/// How long after a timeout's deadline luagate may take to release what it held.
+const RELEASE_WITHIN: Duration = Duration::from_secs(8);
 const MIB: u64 = 1024;
 
 /// A config with one worker (limits are per worker), `limits`, and the
@@ -176,7 +180,7 @@ fn http2_client_that_never_reads() {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let during = gate.fds();
         // After it, the connections (and their upstream requests) are gone.
-        let after = fds_fall(&gate, base.1 + 2, Duration::from_secs(4)).await;
+        let after = fds_fall(&gate, base.1 + 2, RELEASE_WITHIN).await;
         let inn = inn.stop();
         let peak = sampler.stop();
         assert!(gate.alive(), "luagate died:\n{}", gate.stderr());
@@ -236,7 +240,7 @@ fn http2_client_with_zero_window() {
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let during = gate.fds();
-        let after = fds_fall(&gate, base.1 + ZERO_WINDOW_CONNS, Duration::from_secs(3)).await;
+        let after = fds_fall(&gate, base.1 + ZERO_WINDOW_CONNS, RELEASE_WITHIN).await;
         let all_reset = started.elapsed();
         let inn = inn.stop();
         let peak = sampler.stop();
@@ -253,7 +257,7 @@ fn http2_client_with_zero_window() {
         assert_rss("zero-window", base, peak, 48);
         assert!(
             after <= base.1 + ZERO_WINDOW_CONNS,
-            "{after} descriptors open 4.5 s in: the stalled streams' upstream connections were kept (baseline {})",
+            "{after} descriptors still open after send_timeout: the stalled streams' upstream connections were kept (baseline {})",
             base.1
         );
         assert_eq!(resets, ZERO_WINDOW_CONNS * ZERO_WINDOW_STREAMS as usize, "streams reset after send_timeout");
@@ -529,11 +533,14 @@ fn http1_slow_reader() {
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let during = gate.fds();
-        let after = fds_fall(&gate, base.1 + 2, Duration::from_secs(3)).await;
+        let after = fds_fall(&gate, base.1 + 2, RELEASE_WITHIN).await;
         let inn = inn.stop();
         let peak = sampler.stop();
         assert!(gate.alive(), "luagate died:\n{}", gate.stderr());
-        println!("{} (fds while held {during}, 4.5 s in {after})", report("http1_slow_reader", base, peak, &inn));
+        println!(
+            "{} (fds while held {during}, after send_timeout {after})",
+            report("http1_slow_reader", base, peak, &inn)
+        );
         drop(held);
         assert_innocent("slow-reader", &inn);
         assert_rss("slow-reader", base, peak, 48);

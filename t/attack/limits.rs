@@ -73,7 +73,7 @@ fn idle_http2_connection_gets_goaway_then_is_closed() {
         let idle_for = answered.elapsed();
         assert!(goaway.is_some(), "no GOAWAY on an idle connection");
         assert!(
-            (Duration::from_millis(900)..Duration::from_millis(2000)).contains(&idle_for),
+            (Duration::from_millis(900)..Duration::from_millis(3000)).contains(&idle_for),
             "GOAWAY after {idle_for:?} idle (keepalive_timeout 1s)"
         );
         // The client answers neither the PING that comes with it nor anything else.
@@ -86,7 +86,7 @@ fn idle_http2_connection_gets_goaway_then_is_closed() {
         assert!(until_frame(&mut s, h2::GOAWAY, Duration::from_secs(5)).await.is_some(), "no GOAWAY before a stream");
         let waited = started.elapsed();
         assert!(
-            (Duration::from_millis(1900)..Duration::from_millis(3000)).contains(&waited),
+            (Duration::from_millis(1900)..Duration::from_millis(4000)).contains(&waited),
             "GOAWAY after {waited:?} without a stream (header_read_timeout 2s)"
         );
     });

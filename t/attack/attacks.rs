@@ -230,7 +230,7 @@ fn http2_client_with_zero_window() {
             // It reads (and acknowledges nothing, opens no window).
             readers.push(tokio::spawn(async move {
                 while let Ok(Ok((ty, _, _, _))) =
-                    tokio::time::timeout(Duration::from_secs(6), h2::read_frame(&mut s)).await
+                    tokio::time::timeout(Duration::from_secs(20), h2::read_frame(&mut s)).await
                 {
                     if ty == h2::RST_STREAM {
                         resets.fetch_add(1, Ordering::Relaxed);

@@ -61,11 +61,17 @@ pub async fn accept_loop(
                     }
                 };
                 let full = conns.open() >= limits.worker_connections;
-                if (full || fds::near_limit()) && conns.shed(1) == 0 {
-                    let why = if full { "worker_connections reached" } else { "file descriptors running out" };
-                    refused.note(local, why, limits.worker_connections);
-                    drop(stream);
-                    continue;
+                if full || fds::near_limit() {
+                    if conns.shed(1) == 0 {
+                        let why = if full { "worker_connections reached" } else { "file descriptors running out" };
+                        refused.note(local, why, limits.worker_connections);
+                        drop(stream);
+                        continue;
+                    }
+                    // Let the shed connection close (its descriptor with it)
+                    // before the next accept: a burst would otherwise pile up
+                    // shed connections not closed yet.
+                    tokio::task::yield_now().await;
                 }
                 let _ = stream.set_nodelay(true);
                 let task = connection::serve(

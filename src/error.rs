@@ -48,6 +48,8 @@ pub enum ProxyError {
     },
     #[error("upstream {peer} took no request data for {after:?} (send timeout)")]
     SendTimeout { peer: std::net::SocketAddr, after: Duration },
+    #[error("no connection to {peer} within {after:?}: {why}")]
+    Saturated { peer: std::net::SocketAddr, after: Duration, why: &'static str },
     #[error("upstream {peer} sent no response headers within {after:?}")]
     ReadTimeout { peer: std::net::SocketAddr, after: Duration },
     #[error("request deadline of {after:?} exceeded")]
@@ -71,6 +73,7 @@ impl ProxyError {
             Self::NoPeer { .. }
             | Self::Connect { .. }
             | Self::ConnectTimeout { .. }
+            | Self::Saturated { .. }
             | Self::Upstream { .. }
             | Self::SendTimeout { .. }
             | Self::ReadTimeout { .. }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
-use super::file::{FileConfig, ListenCfg, LuaCfg, RouteCfg, Scalar, TimeoutsCfg, UpstreamCfg};
+use super::file::{FileConfig, LimitsCfg, ListenCfg, LuaCfg, RouteCfg, Scalar, TimeoutsCfg, UpstreamCfg};
 use super::snapshot::{AccessLogTarget, Action, Limits, Listener, Route, Snapshot};
 use super::units;
 use super::ConfigError;
@@ -20,7 +20,7 @@ use crate::lua::{Grants, RouteLua, Script, Settings as LuaSettings};
 use crate::phase::variable::Variable;
 use crate::route::{HeaderMatch, HostPattern, PathMatch, RouteMatch, RouteTable};
 use crate::upstream::balancer::{Balancer, Peer, Policy};
-use crate::upstream::{peer_stats, Keepalive, Protocol, Timeouts, Upstream};
+use crate::upstream::{peer_stats, ConnLimit, Keepalive, Protocol, Timeouts, Upstream};
 
 /// Errors as (key path, message).
 pub type Errors = Vec<(String, String)>;
@@ -30,6 +30,9 @@ pub struct Failed {
     pub errors: Errors,
     pub lua: Vec<ConfigError>,
 }
+
+/// The largest HTTP/2 window (and stream count) the protocol allows: 2^31 - 1.
+const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 const DEFAULT_TIMEOUTS: Timeouts =
     Timeouts { connect: Duration::from_secs(5), send: Duration::from_secs(60), read: Duration::from_secs(60) };
@@ -84,18 +87,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
                 .ok()
         })
         .collect();
-    let limits = Limits {
-        max_header_size: c.size("limits.max_header_size", cfg.limits.max_header_size.as_ref(), 16 << 10) as usize,
-        client_max_body_size: c.size("limits.client_max_body_size", cfg.limits.client_max_body_size.as_ref(), 1 << 20),
-        header_read_timeout: c.duration(
-            "limits.header_read_timeout",
-            cfg.limits.header_read_timeout.as_deref(),
-            Duration::from_secs(30),
-        ),
-    };
-    if limits.max_header_size < 8192 {
-        c.err("limits.max_header_size", "must be at least 8k (hyper reads request heads in 8k buffers)");
-    }
+    let limits = c.limits(&cfg.limits);
     let defaults = c.timeouts("timeouts", &cfg.timeouts, DEFAULT_TIMEOUTS);
 
     let checker = mlua::Lua::new();
@@ -130,7 +122,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
         shutdown_grace,
         trusted_proxies,
         merge_slashes: cfg.merge_slashes.unwrap_or(true),
-        limits,
+        limits: Arc::new(limits),
         listeners,
         routes,
         table: RouteTable::new(matchers),
@@ -187,6 +179,70 @@ impl Compiler {
                 default
             }
         }
+    }
+
+    /// `limits:`, each checked against the range it can work in.
+    fn limits(&mut self, l: &LimitsCfg) -> Limits {
+        let d = Limits::default();
+        let limits = Limits {
+            max_header_size: self.size("limits.max_header_size", l.max_header_size.as_ref(), d.max_header_size as u64)
+                as usize,
+            client_max_body_size: self.size(
+                "limits.client_max_body_size",
+                l.client_max_body_size.as_ref(),
+                d.client_max_body_size,
+            ),
+            header_read_timeout: self.positive(
+                "limits.header_read_timeout",
+                l.header_read_timeout.as_deref(),
+                d.header_read_timeout,
+            ),
+            keepalive_timeout: self.positive(
+                "limits.keepalive_timeout",
+                l.keepalive_timeout.as_deref(),
+                d.keepalive_timeout,
+            ),
+            send_timeout: self.positive("limits.send_timeout", l.send_timeout.as_deref(), d.send_timeout),
+            worker_connections: l.worker_connections.unwrap_or(d.worker_connections),
+            http2_max_concurrent_streams: l.http2_max_concurrent_streams.unwrap_or(d.http2_max_concurrent_streams),
+            http2_send_buffer: self.size(
+                "limits.http2_send_buffer",
+                l.http2_send_buffer.as_ref(),
+                d.http2_send_buffer as u64,
+            ) as usize,
+            http2_recv_window: u32::try_from(self.size(
+                "limits.http2_recv_window",
+                l.http2_recv_window.as_ref(),
+                u64::from(d.http2_recv_window),
+            ))
+            .unwrap_or(u32::MAX),
+        };
+        if limits.max_header_size < 8192 {
+            self.err("limits.max_header_size", "must be at least 8k (hyper reads request heads in 8k buffers)");
+        }
+        if limits.worker_connections == 0 {
+            self.err("limits.worker_connections", "must be at least 1");
+        }
+        if !(1..=MAX_WINDOW).contains(&limits.http2_max_concurrent_streams) {
+            self.err("limits.http2_max_concurrent_streams", format!("must be from 1 to {MAX_WINDOW}"));
+        }
+        if !(16 << 10..=1 << 30).contains(&limits.http2_send_buffer) {
+            self.err("limits.http2_send_buffer", "must be from 16k (one HTTP/2 frame) to 1g");
+        }
+        if !(65535..=MAX_WINDOW).contains(&limits.http2_recv_window) {
+            self.err("limits.http2_recv_window", format!("must be from 64k to {MAX_WINDOW} bytes"));
+        }
+        limits
+    }
+
+    /// A duration that must be more than zero.
+    fn positive(&mut self, key: &str, v: Option<&str>, default: Duration) -> Duration {
+        let d = self.duration(key, v, default);
+        if d.is_zero() {
+            self.err(key, "must be more than 0");
+            return default;
+        }
+        d
     }
 
     fn timeouts(&mut self, key: &str, t: &TimeoutsCfg, base: Timeouts) -> Timeouts {
@@ -307,6 +363,11 @@ impl Compiler {
             ),
         };
         let timeouts = self.timeouts(&format!("{key}.timeouts"), &u.timeouts, defaults);
+        let d = ConnLimit::default();
+        let conns = ConnLimit {
+            max: u.max_conns.unwrap_or(d.max),
+            queue_timeout: self.duration(&format!("{key}.queue_timeout"), u.queue_timeout.as_deref(), d.queue_timeout),
+        };
         Some(Upstream {
             name: Arc::from(name),
             protocol,
@@ -315,6 +376,7 @@ impl Compiler {
             hash_key,
             keepalive,
             timeouts,
+            conns,
         })
     }
 
@@ -611,4 +673,48 @@ impl Compiler {
 /// regex errors span several lines; a config error is one.
 fn one_line(s: &str) -> String {
     s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compiled(yaml: &str) -> Snapshot {
+        let cfg: FileConfig = serde_yaml_ng::from_str(yaml).expect("yaml");
+        match compile(cfg, Path::new("/tmp/luagate-test.yaml")) {
+            Ok(s) => s,
+            Err(f) => panic!("{:?}", f.errors),
+        }
+    }
+
+    #[test]
+    fn connection_limits_default_to_nginx_values() {
+        let snap = compiled(
+            "listen: [ { addr: \"127.0.0.1:1\" } ]\nupstreams: { a: { peers: [ { addr: \"127.0.0.1:2\" } ] } }\n",
+        );
+        let l = &snap.limits;
+        assert_eq!(l.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(l.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(l.send_timeout, Duration::from_secs(60));
+        assert_eq!(l.http2_max_concurrent_streams, 128);
+        assert_eq!(l.worker_connections, 10240);
+        assert_eq!((l.http2_send_buffer, l.http2_recv_window), (1 << 20, 1 << 20));
+        let a = &snap.upstreams["a"].conns;
+        assert_eq!((a.max, a.queue_timeout), (1024, Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn connection_limits_are_read() {
+        let snap = compiled(
+            "listen: [ { addr: \"127.0.0.1:1\" } ]\n\
+             limits: { keepalive_timeout: 5s, send_timeout: 2s, worker_connections: 9, http2_max_concurrent_streams: 3, http2_send_buffer: 64k, http2_recv_window: 128k }\n\
+             upstreams: { a: { peers: [ { addr: \"127.0.0.1:2\" } ], max_conns: 0, queue_timeout: 250ms } }\n",
+        );
+        let l = &snap.limits;
+        assert_eq!((l.keepalive_timeout, l.send_timeout), (Duration::from_secs(5), Duration::from_secs(2)));
+        assert_eq!((l.worker_connections, l.http2_max_concurrent_streams), (9, 3));
+        assert_eq!((l.http2_send_buffer, l.http2_recv_window), (64 << 10, 128 << 10));
+        let a = &snap.upstreams["a"].conns;
+        assert_eq!((a.max, a.queue_timeout), (0, Duration::from_millis(250)));
+    }
 }

@@ -120,6 +120,12 @@ pub struct LimitsCfg {
     pub max_header_size: Option<Scalar>,
     pub client_max_body_size: Option<Scalar>,
     pub header_read_timeout: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub send_timeout: Option<String>,
+    pub worker_connections: Option<usize>,
+    pub http2_max_concurrent_streams: Option<u32>,
+    pub http2_send_buffer: Option<Scalar>,
+    pub http2_recv_window: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -157,6 +163,10 @@ pub struct UpstreamCfg {
     pub keepalive: KeepaliveCfg,
     #[serde(default)]
     pub timeouts: TimeoutsCfg,
+    /// Connections per peer and worker (0 = no limit).
+    pub max_conns: Option<usize>,
+    /// How long a request waits for a connection past `max_conns`.
+    pub queue_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

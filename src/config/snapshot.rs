@@ -28,7 +28,7 @@ pub struct Snapshot {
     /// nginx's `merge_slashes`: runs of `/` in the request path count as one
     /// when the path is normalised (`protocol::uri::normalize`).
     pub merge_slashes: bool,
-    pub limits: Limits,
+    pub limits: Arc<Limits>,
     pub listeners: Vec<Arc<Listener>>,
     pub routes: Vec<Arc<Route>>,
     pub table: RouteTable,
@@ -62,11 +62,42 @@ pub enum AccessLogTarget {
     File(PathBuf),
 }
 
+/// Client-side limits and timeouts (`limits:`); docs/security.md lists each
+/// with its nginx counterpart and what happens past it.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_header_size: usize,
     pub client_max_body_size: u64,
+    /// From accept to a complete first request head (TLS handshake included),
+    /// and from the first byte of a later head to its end.
     pub header_read_timeout: Duration,
+    /// An HTTP/1.1 connection between requests, an HTTP/2 connection without streams.
+    pub keepalive_timeout: Duration,
+    /// Longest a write to the client may wait (socket full, or an HTTP/2 stream without window).
+    pub send_timeout: Duration,
+    /// Client connections per worker.
+    pub worker_connections: usize,
+    pub http2_max_concurrent_streams: u32,
+    /// Response bytes an HTTP/2 connection may hold that the client has not taken yet.
+    pub http2_send_buffer: usize,
+    /// The receive window of an HTTP/2 connection (and of each of its streams).
+    pub http2_recv_window: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_size: 16 << 10,
+            client_max_body_size: 1 << 20,
+            header_read_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
+            send_timeout: Duration::from_secs(60),
+            worker_connections: 10240,
+            http2_max_concurrent_streams: 128,
+            http2_send_buffer: 1 << 20,
+            http2_recv_window: 1 << 20,
+        }
+    }
 }
 
 pub struct Listener {

@@ -66,6 +66,7 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
         ProxyError::SendTimeout { .. } | ProxyError::ReadTimeout { .. } => {
             (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable)
         }
+        ProxyError::Saturated { .. } => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
         ProxyError::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
         ProxyError::Lua(_) => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         // nginx's 499: the client closed the request.
@@ -125,5 +126,16 @@ mod tests {
         assert_eq!(r.status(), 502);
         let r = error(&ProxyError::Deadline { after: std::time::Duration::from_secs(1) }, true, None);
         assert_eq!(r.headers()["grpc-status"], "4");
+    }
+
+    #[test]
+    fn no_free_upstream_connection_is_503_or_unavailable() {
+        let err = ProxyError::Saturated {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            after: std::time::Duration::from_secs(1),
+            why: "max_conns reached",
+        };
+        assert_eq!(error(&err, false, None).status(), 503);
+        assert_eq!(error(&err, true, None).headers()["grpc-status"], "14");
     }
 }

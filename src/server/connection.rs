@@ -13,8 +13,17 @@
 //! drops the rest; it waits for the client's next bytes itself (with the
 //! header-read deadline hyper had), and builds a new hyper connection for
 //! them. See benches/NOTES.md, section 4.
+//!
+//! Deadlines (docs/security.md): the first request head must be complete
+//! within `header_read_timeout` of the accept (of the TLS handshake's end);
+//! between requests a connection waits `keepalive_timeout` for the next
+//! one's first byte, and its head then gets `header_read_timeout`; a write
+//! the client does not take for `send_timeout` ends the connection. HTTP/2
+//! connections have their own (`super::h2`). A connection waiting for a
+//! request is idle: the worker may shed it ([`Tracker::shed`]) to make room.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -24,7 +33,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -32,34 +41,44 @@ use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::{service_fn, Service};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
-use super::LocalExec;
-use crate::config::reload;
 use crate::config::snapshot::{Limits, Listener};
+use crate::limit::fds::Fd;
 use crate::phase::body::ResponseBody;
 use crate::phase::pipeline::{self, ConnInfo, Worker};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Counts a worker's open connections, so shutdown can wait for them.
+/// Counts a worker's open connections, so shutdown can wait for them, and
+/// knows which are idle (waiting for a request), so that the newest of
+/// those can be shed when the worker or the process runs short.
 #[derive(Default)]
 pub struct Tracker {
     open: Cell<usize>,
-    idle: Notify,
+    drained: Notify,
+    /// Idle connections by the order they became idle, each with the waker
+    /// of its task once polled; a shed connection's entry is taken away.
+    idle: RefCell<BTreeMap<u64, Option<Waker>>>,
+    next_idle: Cell<u64>,
 }
 
-pub struct Entered(Rc<Tracker>);
+/// A connection counted by its worker's [`Tracker`] and in the process's
+/// descriptor budget.
+pub struct Entered {
+    tracker: Rc<Tracker>,
+    _fd: Fd,
+}
 
 impl Tracker {
     pub fn enter(self: &Rc<Self>) -> Entered {
         self.open.set(self.open.get() + 1);
-        Entered(Rc::clone(self))
+        Entered { tracker: Rc::clone(self), _fd: Fd::open() }
     }
 
     pub fn open(&self) -> usize {
@@ -69,17 +88,86 @@ impl Tracker {
     /// Resolves when no connection is open.
     pub async fn drained(&self) {
         while self.open.get() > 0 {
-            self.idle.notified().await;
+            self.drained.notified().await;
         }
+    }
+
+    /// Closes up to `n` idle connections, the ones idle for the shortest time
+    /// first (a flood of connections that send nothing sheds itself, not the
+    /// established clients between two requests); returns how many.
+    pub fn shed(&self, n: usize) -> usize {
+        let mut wakers = Vec::new();
+        let mut shed = 0;
+        {
+            let mut idle = self.idle.borrow_mut();
+            while shed < n {
+                let Some((_, waker)) = idle.pop_last() else { break };
+                wakers.extend(waker);
+                shed += 1;
+            }
+        }
+        wakers.into_iter().for_each(Waker::wake);
+        shed
+    }
+
+    /// Connections idle now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    /// A wait that counts the caller's connection as idle from its first
+    /// poll until it is dropped, and resolves if the connection is shed.
+    pub(super) fn idle_wait(&self) -> IdleWait<'_> {
+        IdleWait { tracker: self, seq: UNREGISTERED }
     }
 }
 
 impl Drop for Entered {
     fn drop(&mut self) {
-        let t = &self.0;
+        let t = &self.tracker;
         t.open.set(t.open.get() - 1);
         if t.open.get() == 0 {
-            t.idle.notify_waiters();
+            t.drained.notify_waiters();
+        }
+    }
+}
+
+/// A connection's place among its worker's idle ones (see [`Tracker::idle_wait`]).
+pub(super) struct IdleWait<'a> {
+    tracker: &'a Tracker,
+    /// Its key in the tracker's idle map, from its first poll ([`UNREGISTERED`] before).
+    seq: u64,
+}
+
+const UNREGISTERED: u64 = u64::MAX;
+
+impl Future for IdleWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let mut idle = this.tracker.idle.borrow_mut();
+        if this.seq == UNREGISTERED {
+            this.seq = this.tracker.next_idle.get();
+            this.tracker.next_idle.set(this.seq + 1);
+            idle.insert(this.seq, None);
+        }
+        match idle.get_mut(&this.seq) {
+            None => Poll::Ready(()),
+            Some(waker) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for IdleWait<'_> {
+    fn drop(&mut self) {
+        if self.seq != UNREGISTERED {
+            self.tracker.idle.borrow_mut().remove(&self.seq);
         }
     }
 }
@@ -97,19 +185,12 @@ enum Mode {
 pub fn serve(
     stream: TcpStream,
     client: SocketAddr,
-    local: SocketAddr,
+    listener: Arc<Listener>,
+    limits: Arc<Limits>,
     worker: Rc<Worker>,
     entered: Entered,
     stop: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> {
-    let found = {
-        let snap = reload::current();
-        snap.listener(local).map(|l| (l.clone(), snap.limits.clone()))
-    };
-    let Some((listener, limits)) = found else {
-        // The listener was removed by a reload.
-        return Either::Left(Box::pin(std::future::ready(())) as Pin<Box<dyn Future<Output = ()>>>);
-    };
     if listener.tls.is_some() {
         return Either::Left(Box::pin(serve_tls(stream, client, listener, limits, worker, entered, stop)));
     }
@@ -119,14 +200,15 @@ pub fn serve(
         _ => Mode::Auto,
     };
     let service = service(Rc::new(ConnInfo::new(client, listener, false)), worker);
-    Either::Right(serve_conn(Conn { io: Io::new(stream, None), service, limits, stop, _entered: entered }, mode))
+    let io = Io::new(stream, limits);
+    Either::Right(serve_conn(Conn { io, service, stop, _entered: entered }, mode))
 }
 
 async fn serve_tls(
     stream: TcpStream,
     client: SocketAddr,
     listener: Arc<Listener>,
-    limits: Limits,
+    limits: Arc<Limits>,
     worker: Rc<Worker>,
     entered: Entered,
     stop: watch::Receiver<bool>,
@@ -146,7 +228,8 @@ async fn serve_tls(
     };
     let mode = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") { Mode::Http2 } else { Mode::Http1 };
     let service = service(Rc::new(ConnInfo::new(client, listener, true)), worker);
-    serve_conn(Conn { io: Io::new(tls_stream, None), service, limits, stop, _entered: entered }, mode).await
+    let io = Io::new(tls_stream, limits);
+    serve_conn(Conn { io, service, stop, _entered: entered }, mode).await
 }
 
 /// The pipeline as the connection's hyper service.
@@ -163,7 +246,6 @@ fn service(
 struct Conn<I, S> {
     io: Io<I>,
     service: S,
-    limits: Limits,
     stop: watch::Receiver<bool>,
     _entered: Entered,
 }
@@ -181,23 +263,26 @@ where
     S::Future: 'static,
 {
     async move {
-        // An async block takes only the fields of `c` it uses: this keeps the
-        // connection counted (for a graceful shutdown) until its task ends.
-        let _entered = &c._entered;
+        // An async block takes only the fields of `c` it uses: this one keeps
+        // the connection counted (for a graceful shutdown) until its task ends.
+        let tracker = &*c._entered.tracker;
         let mut watching = !*c.stop.borrow();
         // True when a shutdown had begun before the connection started.
         let mut graceful = !watching;
         // Cleartext HTTP/1.1 or h2c, told apart as hyper-util's auto server
         // does: by whether the first bytes are the HTTP/2 preface.
         let mut detecting = matches!(mode, Mode::Auto);
-        // The deadline of the wait for the next request head: hyper's
-        // header-read timer would start now, with the connection; the auto
-        // server sets none until the version is known.
+        // The deadline of the wait for the next request head: the first
+        // request's head is due within header_read_timeout of the accept
+        // (whichever protocol it turns out to be).
         let mut deadline = match mode {
-            Mode::Http2 => return ended(Box::pin(serve_h2(c.io, c.service, &c.limits, c.stop)).await),
-            Mode::Http1 => Some(Instant::now() + c.limits.header_read_timeout),
-            Mode::Auto => None,
+            Mode::Http2 => return ended(Box::pin(super::h2::serve(c.io, c.service, c.stop, tracker)).await),
+            Mode::Http1 | Mode::Auto => Instant::now() + c.io.limits.header_read_timeout,
         };
+        // The wait is between two requests, no byte of the next one seen: its
+        // deadline is keepalive_timeout's, and the first byte gives the head
+        // header_read_timeout from then.
+        let mut between = false;
         // Which wait for a request head (counted from 1 in each hyper
         // connection) may be the one to give the connection up at.
         let mut first_idle_wait = 1;
@@ -210,29 +295,41 @@ where
                 if graceful {
                     return ended(if detecting { Err(cancelled()) } else { shutdown(&mut c.io).await });
                 }
-                let expired = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d.into()).await,
-                        None => std::future::pending().await,
-                    }
-                };
+                // Waiting with no byte in hand, the connection is idle (the
+                // worker may shed it) once a read found nothing: bytes that are
+                // there already (a new connection's request usually is) are
+                // taken first.
+                let mut idle = c.io.prefix.is_none().then(|| tracker.idle_wait());
+                let expired = tokio::time::sleep_until(deadline.into());
                 tokio::pin!(expired);
-                let read = loop {
+                let woke = loop {
                     tokio::select! {
-                        read = poll_fn(|cx| c.io.poll_read_idle(cx)) => break Some(read),
-                        () = &mut expired => break None,
+                        biased;
+                        read = poll_fn(|cx| c.io.poll_read_idle(cx)) => break Woke::Read(read),
+                        () = &mut expired => break Woke::Closing,
+                        () = shed_of(idle.as_mut()) => break Woke::Closing,
                         changed = c.stop.changed(), if watching => {
                             watching = false;
                             if changed.is_ok() {
                                 graceful = true;
-                                break None;
+                                break Woke::Stopping;
                             }
                         }
                     }
                 };
+                drop(idle);
+                let read = match woke {
+                    Woke::Read(read) => read,
+                    Woke::Stopping => continue,
+                    Woke::Closing => return ended(shutdown(&mut c.io).await),
+                };
+                if between && read.as_ref().is_ok_and(|b| !b.is_empty()) {
+                    between = false;
+                    deadline = Instant::now() + c.io.limits.header_read_timeout;
+                }
                 if detecting {
                     match read {
-                        Some(Ok(bytes)) => {
+                        Ok(bytes) => {
                             let end = bytes.is_empty();
                             let seen = match c.io.prefix.take() {
                                 Some(prefix) => [&prefix[..], &bytes[..]].concat().into(),
@@ -241,7 +338,7 @@ where
                             let n = seen.len().min(H2_PREFACE.len());
                             if seen[..n] == H2_PREFACE[..n] && n == H2_PREFACE.len() {
                                 c.io.prefix = Some(seen);
-                                return ended(Box::pin(serve_h2(c.io, c.service, &c.limits, c.stop)).await);
+                                return ended(Box::pin(super::h2::serve(c.io, c.service, c.stop, tracker)).await);
                             }
                             // The end of the stream or other bytes than the
                             // preface's: HTTP/1.1 (and hyper sees the end).
@@ -251,24 +348,23 @@ where
                                 return ended(shutdown(&mut c.io).await);
                             }
                         }
-                        Some(Err(e)) => return ended(Err(e.into())),
-                        None => {} // cancelled (graceful): see above
+                        Err(e) => return ended(Err(e.into())),
                     }
                     continue;
                 }
                 match read {
-                    Some(Ok(bytes)) if !bytes.is_empty() => c.io.prefix = Some(bytes),
+                    Ok(bytes) if !bytes.is_empty() => c.io.prefix = Some(bytes),
                     _ => return ended(shutdown(&mut c.io).await),
                 }
             }
-            let watch = Arc::new(Watch::new(deadline));
+            let watch = Arc::new(Watch::new(deadline, &c.io.limits));
             c.io.watch = Some(Arc::clone(&watch));
             // Boxed, so that the task of an idle connection is small.
             let mut conn = Box::new(
                 http1::Builder::new()
                     .timer(HeadTimer(Arc::clone(&watch)))
-                    .header_read_timeout(c.limits.header_read_timeout)
-                    .max_buf_size(c.limits.max_header_size.max(8192))
+                    .header_read_timeout(c.io.limits.header_read_timeout)
+                    .max_buf_size(c.io.limits.max_header_size.max(8192))
                     .keep_alive(true)
                     .serve_connection(c.io, c.service),
             );
@@ -299,10 +395,14 @@ where
             // the connection's than the socket and (rarely) part of a request
             // head. (Before `into_parts`, which drops hyper's timer and so
             // ends the wait.)
-            deadline = watch.head().deadline;
+            (deadline, between) = {
+                let head = watch.head();
+                (head.deadline.unwrap_or_else(|| Instant::now() + watch.keepalive_timeout), head.between)
+            };
             let parts = conn.into_parts();
             c.io = parts.io;
             c.io.watch = None;
+            c.io.idle();
             c.service = parts.service;
             first_idle_wait = 1;
             if !parts.read_buf.is_empty() {
@@ -316,10 +416,24 @@ where
     }
 }
 
-/// The pipeline's future of one HTTP/2 stream.
-type StreamFuture = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>>>>;
+/// What ended an idle connection's wait.
+enum Woke {
+    Read(io::Result<Bytes>),
+    /// Its deadline passed, or the worker shed it.
+    Closing,
+    /// A graceful shutdown began.
+    Stopping,
+}
 
-fn ended(res: Result<(), BoxError>) {
+/// Resolves when the worker sheds the connection waiting on `idle` (never without one).
+pub(super) async fn shed_of(idle: Option<&mut IdleWait<'_>>) {
+    match idle {
+        Some(idle) => idle.await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) fn ended(res: Result<(), BoxError>) {
     if let Err(e) = res {
         tracing::debug!(error = %e, "connection ended with an error");
     }
@@ -332,41 +446,7 @@ fn cancelled() -> BoxError {
 }
 
 /// HTTP/2 connection preface, which a prior-knowledge h2c client sends first.
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-async fn serve_h2<I, S>(io: Io<I>, service: S, limits: &Limits, mut stop: watch::Receiver<bool>) -> Result<(), BoxError>
-where
-    I: AsyncRead + AsyncWrite + Unpin + 'static,
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible> + 'static,
-    S::Future: 'static,
-{
-    // hyper spawns a task per stream that holds the service's future: boxed, what the
-    // spawn moves is a pointer, not the pipeline's ~4 KB state (several copies per stream).
-    let service = service_fn(move |req| -> StreamFuture { Box::pin(service.call(req)) });
-    let mut conn = Box::pin(
-        http2::Builder::new(LocalExec)
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
-            .adaptive_window(true)
-            .max_concurrent_streams(1024)
-            .serve_connection(io, service),
-    );
-    let mut stopping = *stop.borrow();
-    if stopping {
-        conn.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            res = conn.as_mut() => return res.map_err(Into::into),
-            changed = stop.changed(), if !stopping => {
-                stopping = true;
-                if changed.is_ok() {
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-        }
-    }
-}
+pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Shuts the socket down, as hyper does when it closes a connection.
 async fn shutdown<I>(io: &mut Io<I>) -> Result<(), BoxError>
@@ -386,17 +466,69 @@ const IDLE_LINGER: Duration = Duration::from_millis(100);
 const IDLE_READ: usize = 4096;
 
 /// The client's stream as hyper's IO: bytes read before the hyper connection
-/// existed are handed to it first, and what an HTTP/1.1 connection does on
-/// the socket is noted in its [`Watch`].
-struct Io<I> {
+/// existed are handed to it first, what an HTTP/1.1 connection does on the
+/// socket is noted in its [`Watch`], and a write that cannot go out for
+/// `send_timeout` fails (nginx's `send_timeout`: the time between two writes
+/// that make progress, not the whole response).
+pub(super) struct Io<I> {
     inner: TokioIo<I>,
     prefix: Option<Bytes>,
     watch: Option<Arc<Watch>>,
+    /// The connection's limits (its listener's snapshot's).
+    limits: Arc<Limits>,
+    /// Armed while a write waits for the socket; kept for the next wait
+    /// while the connection serves, dropped when it goes idle.
+    send_wait: Option<Pin<Box<SendWait>>>,
+}
+
+pin_project_lite::pin_project! {
+    /// The send timer, and whether the last write (or flush) could not go out.
+    struct SendWait {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        blocked: bool,
+    }
 }
 
 impl<I> Io<I> {
-    fn new(inner: I, prefix: Option<Bytes>) -> Self {
-        Self { inner: TokioIo::new(inner), prefix, watch: None }
+    pub(super) fn limits(&self) -> &Arc<Limits> {
+        &self.limits
+    }
+
+    fn new(inner: I, limits: Arc<Limits>) -> Self {
+        Self { inner: TokioIo::new(inner), prefix: None, watch: None, limits, send_wait: None }
+    }
+
+    /// The connection waits for a request: nothing is being written.
+    fn idle(&mut self) {
+        self.send_wait = None;
+    }
+
+    /// `res` of a write or flush, failed with TimedOut once writes have made
+    /// no progress for `send_timeout`.
+    fn send_progress<T>(&mut self, res: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if res.is_ready() {
+            if let Some(wait) = &mut self.send_wait {
+                *wait.as_mut().project().blocked = false;
+            }
+            return res;
+        }
+        let at = tokio::time::Instant::now() + self.limits.send_timeout;
+        let wait = self
+            .send_wait
+            .get_or_insert_with(|| Box::pin(SendWait { sleep: tokio::time::sleep_until(at), blocked: false }));
+        let mut wait = wait.as_mut().project();
+        if !*wait.blocked {
+            *wait.blocked = true;
+            wait.sleep.as_mut().reset(at);
+        }
+        if wait.sleep.poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client took nothing within send_timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -426,6 +558,10 @@ impl<I: AsyncRead + Unpin> Read for Io<I> {
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Some(w) = &this.watch {
             w.read_blocked.store(res.is_pending(), Ordering::Relaxed);
+            // Bytes (or the end of the stream) in a wait between requests.
+            if res.is_ready() && w.between.load(Ordering::Relaxed) {
+                w.first_byte();
+            }
         }
         res
     }
@@ -435,7 +571,8 @@ impl<I: AsyncWrite + Unpin> Write for Io<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.wrote();
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.send_progress(res, cx)
     }
 
     fn poll_write_vectored(
@@ -445,7 +582,8 @@ impl<I: AsyncWrite + Unpin> Write for Io<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.wrote();
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.send_progress(res, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -458,11 +596,13 @@ impl<I: AsyncWrite + Unpin> Write for Io<I> {
         if let (Poll::Ready(Ok(())), Some(w)) = (&res, &this.watch) {
             w.unflushed.store(false, Ordering::Relaxed);
         }
-        res
+        this.send_progress(res, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.send_progress(res, cx)
     }
 }
 
@@ -482,12 +622,24 @@ impl<I> Io<I> {
 /// last read having found nothing, hyper has nothing in hand but the socket
 /// and its read buffer. The connection is given up once such a wait has
 /// lasted [`IDLE_LINGER`].
+///
+/// It also keeps the deadlines of those waits: the first continues the wait
+/// `serve_conn` began (`carried`); a later one, between two requests, lasts
+/// `keepalive_timeout` until a byte of the next request arrives, then
+/// `header_read_timeout` from that byte.
 struct Watch {
     head: Mutex<HeadWait>,
     /// Something was written since the last successful flush.
     unflushed: AtomicBool,
     /// The last read from the socket found nothing to read.
     read_blocked: AtomicBool,
+    /// The current wait is between requests and has seen no byte (a copy of
+    /// `HeadWait::between`, read on every read without the lock).
+    between: AtomicBool,
+    /// The current wait's deadline moved (its first byte came).
+    moved: AtomicBool,
+    header_read_timeout: Duration,
+    keepalive_timeout: Duration,
 }
 
 struct HeadWait {
@@ -497,17 +649,41 @@ struct HeadWait {
     deadline: Option<Instant>,
     /// The current wait has lasted [`IDLE_LINGER`].
     lingered: bool,
-    /// The deadline of the wait this connection continues, if any: it bounds
-    /// its first wait.
+    /// The deadline of the wait this connection continues: it bounds its
+    /// first wait.
     carried: Option<Instant>,
+    /// The current wait is between two requests and no byte of the next has come.
+    between: bool,
 }
 
 impl Watch {
-    fn new(carried: Option<Instant>) -> Self {
+    fn new(carried: Instant, limits: &Limits) -> Self {
         Self {
-            head: Mutex::new(HeadWait { waits: 0, deadline: None, lingered: false, carried }),
+            head: Mutex::new(HeadWait {
+                waits: 0,
+                deadline: None,
+                lingered: false,
+                carried: Some(carried),
+                between: false,
+            }),
             unflushed: AtomicBool::new(false),
             read_blocked: AtomicBool::new(false),
+            between: AtomicBool::new(false),
+            moved: AtomicBool::new(false),
+            header_read_timeout: limits.header_read_timeout,
+            keepalive_timeout: limits.keepalive_timeout,
+        }
+    }
+
+    /// The first byte of a request came in a wait between requests: its head
+    /// has `header_read_timeout` from now.
+    fn first_byte(&self) {
+        self.between.store(false, Ordering::Relaxed);
+        let mut head = self.head();
+        if head.between && head.deadline.is_some() {
+            head.between = false;
+            head.deadline = Some(Instant::now() + self.header_read_timeout);
+            self.moved.store(true, Ordering::Relaxed);
         }
     }
 
@@ -536,10 +712,18 @@ impl hyper::rt::Timer for HeadTimer {
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         let (deadline, wait) = {
             let mut head = self.0.head();
-            let deadline = head.carried.take().map_or(deadline, |c| c.min(deadline));
             head.waits += 1;
+            let (deadline, between) = match head.carried.take() {
+                Some(carried) => (carried.min(deadline), false),
+                None if head.waits == 1 => (deadline, false),
+                // Waiting for the next request on a kept-alive connection.
+                None => (Instant::now() + self.0.keepalive_timeout, true),
+            };
             head.deadline = Some(deadline);
             head.lingered = false;
+            head.between = between;
+            self.0.between.store(between, Ordering::Relaxed);
+            self.0.moved.store(false, Ordering::Relaxed);
             (deadline, head.waits)
         };
         let linger = (Instant::now() + IDLE_LINGER).min(deadline);
@@ -568,6 +752,19 @@ impl Future for HeadSleep {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
+        if this.guard.watch.moved.swap(false, Ordering::Relaxed) {
+            let head = this.guard.watch.head();
+            if let (true, Some(moved)) = (head.waits == this.guard.wait, head.deadline) {
+                drop(head);
+                if this.deadline.is_some() && moved > this.sleep.deadline().into_std() {
+                    // Still lingering: the linger ends first.
+                    *this.deadline = Some(moved);
+                } else {
+                    *this.deadline = None;
+                    this.sleep.as_mut().reset(moved.into());
+                }
+            }
+        }
         if let Some(deadline) = *this.deadline {
             ready!(this.sleep.as_mut().poll(cx));
             *this.deadline = None;
@@ -595,6 +792,39 @@ impl Drop for HeadGuard {
         let mut head = self.watch.head();
         if head.waits == self.wait {
             head.deadline = None;
+            head.between = false;
+            self.watch.between.store(false, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls once: true when the connection was shed.
+    fn shed_now(wait: &mut IdleWait<'_>) -> bool {
+        Pin::new(wait).poll(&mut Context::from_waker(Waker::noop())).is_ready()
+    }
+
+    #[test]
+    fn the_newest_idle_connections_are_shed_first() {
+        let tracker = Tracker::default();
+        let (mut oldest, mut middle, mut newest) = (tracker.idle_wait(), tracker.idle_wait(), tracker.idle_wait());
+        // Idle from the first poll.
+        assert_eq!(tracker.idle_count(), 0);
+        assert!(!shed_now(&mut oldest) && !shed_now(&mut middle) && !shed_now(&mut newest));
+        assert_eq!(tracker.idle_count(), 3);
+        assert_eq!(tracker.shed(2), 2);
+        assert!(shed_now(&mut newest) && shed_now(&mut middle) && !shed_now(&mut oldest));
+        assert_eq!(tracker.idle_count(), 1);
+        drop((middle, newest));
+        // A connection that stopped being idle is not shed.
+        drop(oldest);
+        assert_eq!(tracker.shed(1), 0);
+        let mut again = tracker.idle_wait();
+        assert!(!shed_now(&mut again));
+        assert_eq!(tracker.shed(5), 1);
+        assert!(shed_now(&mut again));
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod connection;
 pub mod control;
+mod h2;
 pub mod listener;
 pub mod tls;
 pub mod worker;
@@ -36,6 +37,7 @@ pub fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let snapshot = config::load(&config_path).map_err(|e| anyhow::anyhow!("configuration refused:\n{e}"))?;
     observe::init(snapshot.error_level);
     observe::access_log::configure(&snapshot.access_log, false).context("opening the access log")?;
+    let nofile = crate::limit::fds::raise_limit();
     let workers = snapshot.workers;
     let pid_file = snapshot.pid_file.clone();
     reload::install(snapshot);
@@ -72,9 +74,10 @@ pub fn run(config_path: PathBuf) -> anyhow::Result<()> {
             Err(_) => bail!("a worker thread died while starting"),
         }
     }
+    crate::limit::fds::set_base();
     let snap = reload::current();
     let addrs: Vec<String> = snap.listeners.iter().map(|l| l.addr.to_string()).collect();
-    tracing::info!(version = crate::VERSION, workers, listen = ?addrs, "luagate started");
+    tracing::info!(version = crate::VERSION, workers, listen = ?addrs, open_files_limit = ?nofile, "luagate started");
     drop(snap);
 
     control.block_on(control::run(config_path, signals, generation_tx, stop_tx))?;

@@ -83,7 +83,8 @@ pub async fn call(
             }
         };
         let peer = &peer;
-        let checkout = pool.checkout(peer.addr, upstream.protocol, upstream.keepalive, timeouts.connect, timeouts.send);
+        let checkout =
+            pool.checkout(peer.addr, upstream.protocol, upstream.keepalive, upstream.conns, timeouts.connect, timeouts.send);
         let conn = match checkout.await {
             Ok(c) => c,
             Err(e) if e.is_retryable() => {
@@ -226,7 +227,7 @@ mod tests {
 
     use super::*;
     use crate::upstream::balancer::{Balancer, Policy};
-    use crate::upstream::{peer_stats, Keepalive, Protocol, Timeouts};
+    use crate::upstream::{peer_stats, ConnLimit, Keepalive, Protocol, Timeouts};
 
     /// How the peer ends the kept-alive connection under the second request.
     #[derive(Clone, Copy)]
@@ -306,6 +307,7 @@ mod tests {
                 send: Duration::from_secs(2),
                 read: Duration::from_secs(2),
             },
+            conns: ConnLimit::default(),
         }
     }
 

@@ -41,6 +41,22 @@ pub struct Keepalive {
     pub idle_timeout: Duration,
 }
 
+/// How many connections a worker may hold to each peer (nginx's `max_conns`
+/// without a shared zone), and how long a request waits for one past that
+/// before it is answered 503 (gRPC UNAVAILABLE).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimit {
+    /// 0 = no limit.
+    pub max: usize,
+    pub queue_timeout: Duration,
+}
+
+impl Default for ConnLimit {
+    fn default() -> Self {
+        Self { max: 1024, queue_timeout: Duration::from_secs(10) }
+    }
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     pub protocol: Protocol,
@@ -49,6 +65,7 @@ pub struct Upstream {
     pub hash_key: Option<Variable>,
     pub keepalive: Keepalive,
     pub timeouts: Timeouts,
+    pub conns: ConnLimit,
 }
 
 /// The statistics of the peer at `addr`: the same `Arc` for as long as any

@@ -6,6 +6,11 @@
 //! An HTTP/1.1 connection's socket carries the send timeout (nginx's
 //! `proxy_send_timeout`): a write the peer leaves waiting that long — it
 //! stopped reading the request — fails, and the request with it.
+//!
+//! Each peer's open connections are counted: past the upstream's `max_conns`,
+//! or when the process runs short of file descriptors (`limit::fds`), a
+//! request waits for one of that peer's connections to come back idle or
+//! close, up to `queue_timeout`, then fails with 503 (gRPC UNAVAILABLE).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -13,7 +18,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,12 +26,22 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Sleep;
 
-use super::{Keepalive, Protocol};
+use super::{ConnLimit, Keepalive, Protocol};
 use crate::error::ProxyError;
+use crate::limit::fds::{self, Fd};
 use crate::phase::body::UpstreamBody;
 use crate::server::LocalExec;
+
+/// The most an upstream HTTP/1.1 connection reads ahead of the client (as
+/// nginx's proxy_buffers do): hyper's read buffer grows up to this (its
+/// default is ~400 KiB), and each chunk it yields is no larger.
+const UPSTREAM_READ_BUFFER: usize = 64 << 10;
+
+/// The receive window of each stream on an upstream HTTP/2 connection.
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 << 10;
 
 pub enum Conn {
     /// An HTTP/1.1 connection, and for how long it sat idle if it was kept
@@ -46,6 +61,38 @@ pub struct H1Conn {
 struct PeerPool {
     idle: VecDeque<(H1Conn, Instant)>,
     h2: Option<http2::SendRequest<UpstreamBody>>,
+    /// Connections open (or being opened) to the peer, idle ones included.
+    open: usize,
+    /// Requests waiting for a connection; told when one is idle again or closes.
+    freed: Rc<Notify>,
+}
+
+/// One of a peer's open connections, counted until dropped (with the
+/// connection's task).
+struct Slot {
+    pool: Weak<Pool>,
+    peer: SocketAddr,
+    _fd: Fd,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.upgrade() else { return };
+        let peer = self.peer;
+        let release = move |pool: &Pool| {
+            if let Some(p) = pool.peers.borrow_mut().get_mut(&peer) {
+                p.open = p.open.saturating_sub(1);
+                p.freed.notify_one();
+            }
+        };
+        // Never dropped while the pool is borrowed today; should that change,
+        // the count is released a moment later instead of panicking.
+        if pool.peers.try_borrow_mut().is_ok() {
+            release(&pool);
+        } else {
+            tokio::task::spawn_local(async move { release(&pool) });
+        }
+    }
 }
 
 /// Counters for reuse measurements (per worker).
@@ -67,23 +114,40 @@ impl Pool {
     }
 
     /// A connection to `peer` ready for one request: an idle or shared one if
-    /// there is one, else a new one (bounded by `connect_timeout`). An
-    /// HTTP/1.1 connection fails a write that waits longer than `send_timeout`.
+    /// there is one, else a new one (bounded by `connect_timeout`). Past
+    /// `limit.max` open connections to the peer, or short of descriptors,
+    /// waits for one up to `limit.queue_timeout`. An HTTP/1.1 connection
+    /// fails a write that waits longer than `send_timeout`.
     pub async fn checkout(
         self: &Rc<Self>,
         peer: SocketAddr,
         protocol: Protocol,
         keepalive: Keepalive,
+        limit: ConnLimit,
         connect_timeout: Duration,
         send_timeout: Duration,
     ) -> Result<Conn, ProxyError> {
-        if let Some(conn) = self.take_idle(peer, protocol, keepalive) {
-            self.stats.borrow_mut().reuses += 1;
-            if let Conn::H1(h1, _) = &conn {
-                h1.send_timeout.set(send_timeout);
+        let mut queued: Option<tokio::time::Instant> = None;
+        let slot = loop {
+            if let Some(conn) = self.take_idle(peer, protocol, keepalive) {
+                self.stats.borrow_mut().reuses += 1;
+                if let Conn::H1(h1, _) = &conn {
+                    h1.send_timeout.set(send_timeout);
+                }
+                return Ok(conn);
             }
-            return Ok(conn);
-        }
+            let why = match self.take_slot(peer, protocol, limit) {
+                Ok(slot) => break slot,
+                Err((why, freed)) => {
+                    let deadline = *queued.get_or_insert_with(|| tokio::time::Instant::now() + limit.queue_timeout);
+                    if tokio::time::timeout_at(deadline, freed.notified()).await.is_ok() {
+                        continue;
+                    }
+                    why
+                }
+            };
+            return Err(ProxyError::Saturated { peer, after: limit.queue_timeout, why });
+        };
         let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(peer)).await {
             Err(_) => return Err(ProxyError::ConnectTimeout { peer, after: connect_timeout }),
             Ok(Err(source)) => return Err(ProxyError::Connect { peer, source }),
@@ -96,8 +160,13 @@ impl Pool {
             Protocol::Http1 => {
                 let send_timeout = Rc::new(Cell::new(send_timeout));
                 let io = TokioIo::new(SendTimed { stream, send_timeout: Rc::clone(&send_timeout), stalled: None });
-                let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(connect_err)?;
+                let (sender, conn) = http1::Builder::new()
+                    .max_buf_size(UPSTREAM_READ_BUFFER)
+                    .handshake(io)
+                    .await
+                    .map_err(connect_err)?;
                 tokio::task::spawn_local(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "upstream connection ended");
                     }
@@ -106,14 +175,21 @@ impl Pool {
             }
             Protocol::H2c => {
                 let io = TokioIo::new(stream);
+                // Fixed windows, not hyper's adaptive ones (which grow both to the
+                // measured bandwidth-delay product, up to 16 MiB): a stream whose
+                // client does not read holds at most its stream window here, and
+                // the connection window leaves room for 64 such streams before
+                // the others sharing the connection stall.
                 let (sender, conn) = http2::Builder::new(LocalExec)
                     .timer(TokioTimer::new())
-                    .adaptive_window(true)
+                    .initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
+                    .initial_connection_window_size(UPSTREAM_H2_STREAM_WINDOW * 64)
                     .keep_alive_interval(Duration::from_secs(30))
                     .handshake(io)
                     .await
                     .map_err(connect_err)?;
                 tokio::task::spawn_local(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "upstream h2 connection ended");
                     }
@@ -122,6 +198,26 @@ impl Pool {
                 Ok(Conn::H2(sender))
             }
         }
+    }
+
+    /// Counts a new connection to `peer`, or says why there is none to be had
+    /// and what tells when one is freed.
+    fn take_slot(
+        self: &Rc<Self>,
+        peer: SocketAddr,
+        protocol: Protocol,
+        limit: ConnLimit,
+    ) -> Result<Slot, (&'static str, Rc<Notify>)> {
+        let mut peers = self.peers.borrow_mut();
+        let pool = peers.entry(peer).or_default();
+        // An HTTP/2 peer gets one multiplexed connection: max_conns does not apply.
+        let full = protocol == Protocol::Http1 && limit.max > 0 && pool.open >= limit.max;
+        if full || !fds::may_connect() {
+            let why = if full { "max_conns reached" } else { "file descriptors running out" };
+            return Err((why, Rc::clone(&pool.freed)));
+        }
+        pool.open += 1;
+        Ok(Slot { pool: Rc::downgrade(self), peer, _fd: Fd::open() })
     }
 
     fn take_idle(&self, peer: SocketAddr, protocol: Protocol, keepalive: Keepalive) -> Option<Conn> {
@@ -161,9 +257,10 @@ impl Pool {
                 return;
             }
             let mut peers = pool.peers.borrow_mut();
-            let idle = &mut peers.entry(peer).or_default().idle;
-            if idle.len() < keepalive.max_idle {
-                idle.push_back((conn, Instant::now()));
+            let p = peers.entry(peer).or_default();
+            if p.idle.len() < keepalive.max_idle {
+                p.idle.push_back((conn, Instant::now()));
+                p.freed.notify_one();
             }
         });
     }
@@ -178,9 +275,15 @@ impl Pool {
                 if pool.h2.as_ref().is_some_and(|h| h.is_closed()) {
                     pool.h2 = None;
                 }
-                !pool.idle.is_empty() || pool.h2.is_some()
+                // A peer with connections still open keeps its count.
+                !pool.idle.is_empty() || pool.h2.is_some() || pool.open > 0
             }
         });
+    }
+
+    /// Connections open to `peer` (idle, busy or being opened).
+    pub fn open_count(&self, peer: SocketAddr) -> usize {
+        self.peers.borrow().get(&peer).map_or(0, |p| p.open)
     }
 
     pub fn idle_count(&self, peer: SocketAddr) -> usize {

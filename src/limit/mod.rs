@@ -1,0 +1,3 @@
+//! Limits shared by the layers that open connections.
+
+pub mod fds;

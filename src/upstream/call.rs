@@ -83,8 +83,14 @@ pub async fn call(
             }
         };
         let peer = &peer;
-        let checkout =
-            pool.checkout(peer.addr, upstream.protocol, upstream.keepalive, upstream.conns, timeouts.connect, timeouts.send);
+        let checkout = pool.checkout(
+            peer.addr,
+            upstream.protocol,
+            upstream.keepalive,
+            upstream.conns,
+            timeouts.connect,
+            timeouts.send,
+        );
         let conn = match checkout.await {
             Ok(c) => c,
             Err(e) if e.is_retryable() => {

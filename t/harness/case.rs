@@ -433,10 +433,14 @@ pub struct RawExpect {
     /// `true`: the server answered (a complete head), then closed the connection;
     /// `false`: it answered and kept the connection open (watched for 2 s).
     pub closed: Option<bool>,
-    /// The server closed the connection without sending a byte. Without it, a raw
-    /// step fails when no complete response head arrives.
+    /// The server closed the connection without sending a byte. Without it (or
+    /// `no_head`), a raw step fails when no complete response head arrives.
     #[serde(default)]
     pub no_answer: bool,
+    /// The server closed the connection without an HTTP/1.x response head; it may
+    /// have sent other bytes first (HTTP/2 frames, a TLS alert): they must not be empty.
+    #[serde(default)]
+    pub no_head: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -764,8 +768,15 @@ impl Ctx<'_> {
                 let other = expect.closed.is_some()
                     || expect.status_line_contains.is_some()
                     || !expect.head_contains.0.is_empty();
-                if expect.no_answer && other {
-                    return Err("raw: no_answer excludes closed, status_line_contains and head_contains".into());
+                if (expect.no_answer || expect.no_head) && other {
+                    return Err(
+                        "raw: no_answer and no_head exclude closed, status_line_contains and head_contains".into()
+                    );
+                }
+                if expect.no_answer && expect.no_head {
+                    return Err(
+                        "raw: no_answer (no byte at all) and no_head (some bytes, no head) are exclusive".into()
+                    );
                 }
                 if s.raw_hold_ms.is_some() && expect.closed.is_some() {
                     return Err("raw: raw_hold_ms excludes closed".into());

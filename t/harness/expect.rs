@@ -322,7 +322,7 @@ pub fn check_grpc(exp: &GrpcExpect, out: &GrpcOutcome) -> Result<(), String> {
 
 pub fn check_raw(exp: &RawExpect, resp: &RawResponse) -> Result<(), String> {
     let Some(head) = &resp.head else {
-        if exp.no_answer && resp.partial.is_empty() {
+        if (exp.no_answer && resp.partial.is_empty()) || (exp.no_head && !resp.partial.is_empty()) {
             return Ok(());
         }
         let what = if resp.partial.is_empty() {
@@ -330,10 +330,16 @@ pub fn check_raw(exp: &RawExpect, resp: &RawResponse) -> Result<(), String> {
         } else {
             format!("the connection closed after {:?}, not a complete response head", preview(&resp.partial, 300))
         };
-        return Err(if exp.no_answer { format!("no_answer: expected no byte at all, but {what}") } else { what });
+        return Err(if exp.no_answer {
+            format!("no_answer: expected no byte at all, but {what}")
+        } else if exp.no_head {
+            format!("no_head: expected some bytes before the close, but {what}")
+        } else {
+            what
+        });
     };
-    if exp.no_answer {
-        return Err(format!("no_answer: expected the connection closed without an answer, got {head:?}"));
+    if exp.no_answer || exp.no_head {
+        return Err(format!("expected the connection closed without a response head, got {head:?}"));
     }
     let mut errors = Vec::new();
     let status_line = head.lines().next().unwrap_or_default();

@@ -125,6 +125,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
         access_log,
         shutdown_grace,
         trusted_proxies,
+        underscores_in_headers: cfg.underscores_in_headers,
         limits,
         listeners,
         routes,

@@ -22,6 +22,9 @@ pub struct FileConfig {
     pub shutdown: ShutdownCfg,
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Accept request headers whose name has an `_` (nginx's `underscores_in_headers`).
+    #[serde(default)]
+    pub underscores_in_headers: bool,
     #[serde(default)]
     pub limits: LimitsCfg,
     #[serde(default)]

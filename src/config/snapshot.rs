@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub access_log: AccessLogTarget,
     pub shutdown_grace: Duration,
     pub trusted_proxies: Vec<IpNet>,
+    /// Request headers with `_` in their name are kept (else dropped before routing).
+    pub underscores_in_headers: bool,
     pub limits: Limits,
     pub listeners: Vec<Arc<Listener>>,
     pub routes: Vec<Arc<Route>>,

@@ -74,7 +74,10 @@ pub async fn handle(
     worker: Rc<Worker>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = crate::config::reload::current();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if !snap.underscores_in_headers {
+        headers::drop_underscored(&mut parts.headers);
+    }
     let trace = TraceContext::from_headers(&parts.headers);
     let started = std::time::Instant::now();
     let mut guard = LogGuard(Some(LogRecord {
@@ -192,6 +195,9 @@ impl Proxy<'_> {
         }
 
         let deadline = self.deadline(&parts);
+        // Hop-by-hop headers go first: what the client's Connection header names is not
+        // there for the real address (so X-Real-IP and X-Forwarded-For agree) nor the hash key.
+        headers::strip_hop_by_hop(&mut parts.headers, up.protocol == Protocol::H2c);
         let client_ip = self.conn.client.ip();
         let trusted = self.snap.is_trusted(client_ip);
         let real_ip = headers::real_client_ip(&parts.headers, client_ip, |ip| self.snap.is_trusted(ip));
@@ -199,7 +205,6 @@ impl Proxy<'_> {
             up.hash_key.as_ref().and_then(|v| v.eval(&parts, real_ip)).map(|c| c.into_owned());
 
         let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, up.protocol == Protocol::H2c);
         headers::set_forwarded(h, &self.conn.client_ip, trusted, real_ip, if self.conn.tls { "https" } else { "http" });
         h.insert(&crate::observe::trace::TRACEPARENT, self.trace.header_value());
         let authority = match &self.route.host_header {

@@ -23,6 +23,12 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("more than {limit} request header fields")]
+    TooManyHeaders { limit: usize },
+    #[error("method {0} not allowed")]
+    MethodNotAllowed(String),
+    #[error("client sent no request body data for {0:?}")]
+    ClientBodyTimeout(Duration),
     #[error("no live peer in upstream {upstream}")]
     NoPeer { upstream: String },
     #[error("connect to {peer} failed: {source}")]
@@ -41,6 +47,8 @@ pub enum ProxyError {
     },
     #[error("upstream {peer} sent no response headers within {after:?}")]
     ReadTimeout { peer: std::net::SocketAddr, after: Duration },
+    #[error("upstream {peer} took no request data for {after:?}")]
+    SendTimeout { peer: std::net::SocketAddr, after: Duration },
     #[error("request deadline of {after:?} exceeded")]
     Deadline { after: Duration },
     #[error("client went away")]
@@ -53,14 +61,19 @@ impl ProxyError {
     /// Which side is to blame, for logs and metrics.
     pub fn side(&self) -> Side {
         match self {
-            Self::NoRoute { .. } | Self::BodyTooLarge { .. } | Self::BadRequest(_) | Self::ClientGone => {
-                Side::Downstream
-            }
+            Self::NoRoute { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::BadRequest(_)
+            | Self::MethodNotAllowed(_)
+            | Self::TooManyHeaders { .. }
+            | Self::ClientBodyTimeout(_)
+            | Self::ClientGone => Side::Downstream,
             Self::NoPeer { .. }
             | Self::Connect { .. }
             | Self::ConnectTimeout { .. }
             | Self::Upstream { .. }
             | Self::ReadTimeout { .. }
+            | Self::SendTimeout { .. }
             | Self::Deadline { .. } => Side::Upstream,
             Self::Lua(_) => Side::Internal,
         }
@@ -70,6 +83,30 @@ impl ProxyError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Connect { .. } | Self::ConnectTimeout { .. })
     }
+}
+
+/// Whether an error reading the client's request body means the client went
+/// away (closed or reset the connection, cancelled the HTTP/2 stream), as
+/// opposed to sending something malformed (a bad chunk, a body longer or
+/// shorter than declared), which is a 400.
+pub fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof);
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_io() || h2.reason() == Some(h2::Reason::CANCEL);
+        }
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() || hyper.is_canceled() {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Boxed error used for body streams, where hyper wants `Into<Box<dyn Error>>`.

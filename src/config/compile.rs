@@ -34,6 +34,10 @@ pub struct Failed {
 const DEFAULT_TIMEOUTS: Timeouts =
     Timeouts { connect: Duration::from_secs(5), send: Duration::from_secs(60), read: Duration::from_secs(60) };
 
+/// Highest `limits.max_headers`: hyper parses a head's fields into an array
+/// of this many entries (on the heap past 100), allocated per request head.
+const MAX_HEADERS: usize = 10_000;
+
 pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
     let mut c = Compiler {
         errors: Vec::new(),
@@ -88,7 +92,16 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
             cfg.limits.header_read_timeout.as_deref(),
             Duration::from_secs(30),
         ),
+        max_headers: cfg.limits.max_headers.unwrap_or(100),
+        client_body_timeout: c.duration(
+            "limits.client_body_timeout",
+            cfg.limits.client_body_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
     };
+    if !(1..=MAX_HEADERS).contains(&limits.max_headers) {
+        c.err("limits.max_headers", format!("must be from 1 to {MAX_HEADERS}"));
+    }
     if limits.max_header_size < 8192 {
         c.err("limits.max_header_size", "must be at least 8k (hyper reads request heads in 8k buffers)");
     }

@@ -118,8 +118,10 @@ pub struct ShutdownCfg {
 #[serde(deny_unknown_fields)]
 pub struct LimitsCfg {
     pub max_header_size: Option<Scalar>,
+    pub max_headers: Option<usize>,
     pub client_max_body_size: Option<Scalar>,
     pub header_read_timeout: Option<String>,
+    pub client_body_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -64,8 +64,12 @@ pub enum AccessLogTarget {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_header_size: usize,
+    /// Most header fields in a request head (431 past it).
+    pub max_headers: usize,
     pub client_max_body_size: u64,
     pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body (408 past it).
+    pub client_body_timeout: Duration,
 }
 
 pub struct Listener {

@@ -71,6 +71,8 @@ pub struct LuaRequest {
     pub body_read: bool,
     /// The route's client_max_body_size (0 = none), for `read_body`.
     pub body_limit: u64,
+    /// `limits.client_body_timeout`: `read_body`'s longest wait for the next piece.
+    pub body_timeout: Duration,
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub tls: bool,
@@ -126,6 +128,7 @@ impl LuaRequest {
             incoming: None,
             body_read: false,
             body_limit: 0,
+            body_timeout: Duration::from_secs(60),
             client,
             server,
             tls,

@@ -84,6 +84,7 @@ impl LuaCtx {
         let mut r = LuaRequest::new(parts, client, server, conn.tls, route_name, is_grpc, started);
         r.incoming = Some(body);
         r.body_limit = route.client_max_body_size;
+        r.body_timeout = snap.limits.client_body_timeout;
         let scripts = route.lua.clone().ok_or_else(|| ProxyError::Lua("the route has no Lua scripts".into()))?;
         Ok(Self { runtime, req: Rc::new(RefCell::new(r)), scripts, is_grpc })
     }

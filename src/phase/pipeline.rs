@@ -97,6 +97,10 @@ pub async fn handle(
         error: None,
     }));
     let is_grpc = grpc::is_grpc(&parts.headers);
+    if let Some(err) = refused(&parts, &snap) {
+        tracing::debug!(client = %conn.client, error = %err, "request refused");
+        return Ok(closing(respond::error(&err, is_grpc, guard.0.take()), parts.version));
+    }
     let host = request_host(&parts);
     let route = {
         let input = MatchInput {
@@ -148,6 +152,37 @@ pub async fn handle(
     Ok(if lua.passes_through() { resp } else { lua.respond(resp, upstream).await })
 }
 
+/// What luagate refuses before routing, as nginx does: a method that is not
+/// uppercase letters, `_` and `-` (400), a request target that is not a path
+/// or an absolute URI (`*`, `host:port`: 400), `CONNECT` (405; HTTP/2's
+/// extended CONNECT of a WebSocket is decided by the route), more header
+/// fields than `limits.max_headers` (431; hyper counts them itself on HTTP/1.1).
+fn refused(parts: &http::request::Parts, snap: &Snapshot) -> Option<ProxyError> {
+    let method = parts.method.as_str();
+    if !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-') {
+        return Some(ProxyError::BadRequest(format!("invalid method {method:?}")));
+    }
+    if !parts.uri.path().starts_with('/') {
+        return Some(ProxyError::BadRequest(format!("invalid request target {:?}", parts.uri.to_string())));
+    }
+    if parts.method == http::Method::CONNECT && parts.extensions.get::<hyper::ext::Protocol>().is_none() {
+        return Some(ProxyError::MethodNotAllowed(method.to_string()));
+    }
+    if parts.headers.len() > snap.limits.max_headers {
+        return Some(ProxyError::TooManyHeaders { limit: snap.limits.max_headers });
+    }
+    None
+}
+
+/// `resp` with `Connection: close` on HTTP/1.x: after a request refused for
+/// its framing or a failed body, the connection's next bytes cannot be trusted.
+fn closing(mut resp: Response<ResponseBody>, version: Version) -> Response<ResponseBody> {
+    if version < Version::HTTP_2 {
+        resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
 /// A route that answers by itself (`return`), or a content route reached without its script.
 fn answer(action: &Action, mut log: Option<LogRecord>) -> Response<ResponseBody> {
     match action {
@@ -184,6 +219,7 @@ impl Proxy<'_> {
         guard: &mut LogGuard,
     ) -> (Response<ResponseBody>, Option<(SocketAddr, Duration)>) {
         let up = self.upstream;
+        let version = parts.version;
         if let Some(log) = &mut guard.0 {
             log.upstream = Some(Arc::clone(&up.name));
         }
@@ -236,9 +272,12 @@ impl Proxy<'_> {
         let tally = Rc::new(RequestTally::default());
         let upstream_body = match body {
             ClientBody::Stream(body) if body.is_end_stream() => UpstreamBody::Empty,
-            ClientBody::Stream(body) => {
-                UpstreamBody::Stream(RequestStream::new(body, limit, up.timeouts.send, Rc::clone(&tally)))
-            }
+            ClientBody::Stream(body) => UpstreamBody::Stream(RequestStream::new(
+                body,
+                limit,
+                self.snap.limits.client_body_timeout,
+                Rc::clone(&tally),
+            )),
             ClientBody::Read(bytes) => {
                 tally.bytes.set(bytes.len() as u64);
                 if !bytes.is_empty() {
@@ -262,9 +301,29 @@ impl Proxy<'_> {
         let answer = match result {
             Ok(a) => a,
             Err(e) => {
-                let e = if tally.limit_hit.get() { ProxyError::BodyTooLarge { limit } } else { e };
-                tracing::warn!(route = %self.route.name, error = %e, "request failed");
-                return (respond::error(&e, self.is_grpc, guard.0.take()), None);
+                // A request body that failed is the client's doing, whatever the upstream call
+                // made of it (hyper aborts the upstream request: the peer sees it cut).
+                let e = if tally.limit_hit.get() {
+                    ProxyError::BodyTooLarge { limit }
+                } else if tally.timed_out.get() {
+                    ProxyError::ClientBodyTimeout(self.snap.limits.client_body_timeout)
+                } else if let Some(gone) = tally.client_failed.get() {
+                    if gone {
+                        ProxyError::ClientGone
+                    } else {
+                        ProxyError::BadRequest("malformed request body".into())
+                    }
+                } else {
+                    e
+                };
+                match e.side() {
+                    crate::error::Side::Downstream => {
+                        tracing::info!(route = %self.route.name, upstream = %up.name, error = %e, "request aborted: client error")
+                    }
+                    _ => tracing::warn!(route = %self.route.name, upstream = %up.name, error = %e, "request failed"),
+                }
+                let resp = respond::error(&e, self.is_grpc, guard.0.take());
+                return (if e.side() == crate::error::Side::Downstream { closing(resp, version) } else { resp }, None);
             }
         };
         let (mut head, incoming) = answer.response.into_parts();

@@ -57,11 +57,16 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
         ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, Code::Unimplemented),
         ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
         ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, Code::Internal),
+        ProxyError::TooManyHeaders { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Code::ResourceExhausted),
+        ProxyError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, Code::Unimplemented),
+        ProxyError::ClientBodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, Code::Cancelled),
         ProxyError::NoPeer { .. }
         | ProxyError::Connect { .. }
         | ProxyError::ConnectTimeout { .. }
         | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, Code::Unavailable),
-        ProxyError::ReadTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable),
+        ProxyError::ReadTimeout { .. } | ProxyError::SendTimeout { .. } => {
+            (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable)
+        }
         ProxyError::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
         ProxyError::Lua(_) => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         // nginx's 499: the client closed the request.

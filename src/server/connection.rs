@@ -264,14 +264,17 @@ where
             let watch = Arc::new(Watch::new(deadline));
             c.io.watch = Some(Arc::clone(&watch));
             // Boxed, so that the task of an idle connection is small.
-            let mut conn = Box::new(
-                http1::Builder::new()
-                    .timer(HeadTimer(Arc::clone(&watch)))
-                    .header_read_timeout(c.limits.header_read_timeout)
-                    .max_buf_size(c.limits.max_header_size.max(8192))
-                    .keep_alive(true)
-                    .serve_connection(c.io, c.service),
-            );
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(HeadTimer(Arc::clone(&watch)))
+                .header_read_timeout(c.limits.header_read_timeout)
+                .max_buf_size(c.limits.max_header_size.max(8192))
+                .keep_alive(true);
+            // hyper's own cap is 100, kept on the stack; another one is allocated per head.
+            if c.limits.max_headers != 100 {
+                builder.max_headers(c.limits.max_headers);
+            }
+            let mut conn = Box::new(builder.serve_connection(c.io, c.service));
             if graceful {
                 Pin::new(&mut *conn).graceful_shutdown();
             }

@@ -38,6 +38,9 @@ pub struct LuaResponse {
     /// Where output goes while a phase that may answer (rewrite, access,
     /// content) runs; `None` in the other phases (output stays buffered).
     pub stream: Option<super::ngx::resp::Stream>,
+    /// Headers header_filter set: what an `ngx.exit(status)` there keeps of
+    /// the response's headers (as OpenResty, not the upstream's).
+    pub filter_set: Vec<http::HeaderName>,
 }
 
 /// What the balancer phase asked for.

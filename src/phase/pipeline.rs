@@ -334,6 +334,16 @@ impl Proxy<'_> {
         log.peer = Some(answer.peer);
         log.status = head.status.as_u16();
         log.upstream_time = Some(answer.elapsed);
+        if self.is_grpc && (head.status != http::StatusCode::OK || !grpc::is_grpc(&head.headers)) {
+            // A peer that does not speak gRPC (an HTTP/1.1 error page, a JSON answer): the caller
+            // gets a gRPC status mapped from the HTTP one, as gRPC clients map it, never the page.
+            let status = head.status.as_u16();
+            tracing::warn!(route = %self.route.name, upstream = %up.name, peer = %answer.peer, status, "upstream answered a gRPC call without gRPC");
+            log.error = Some(format!("upstream answered HTTP {status} without gRPC"));
+            let code = if status == 200 { grpc::Code::Unknown as u32 } else { grpc::from_http_status(status) };
+            let msg = format!("upstream answered without gRPC (HTTP {status})");
+            return (respond::grpc_status(code, &msg, Some(log)), Some((answer.peer, answer.elapsed)));
+        }
         log.grpc_status = if self.is_grpc { body::grpc_status(&head.headers) } else { None };
         let body = ResponseBody::upstream(
             incoming,

@@ -303,7 +303,7 @@ unsafe extern "C-unwind" fn set_header(state: *mut ffi::lua_State) -> c_int {
     if !simple {
         return cfn::delegate(state);
     }
-    resp::set_string_header(state, 1, "ngx.req.set_header", |r| &mut r.parts.headers)
+    resp::set_string_header(state, 1, "ngx.req.set_header", |r, _| &mut r.parts.headers)
 }
 
 /// get_headers' metatable: case-insensitive lookup with `_` as `-`, as OpenResty's.

@@ -53,6 +53,8 @@ pub enum ProxyError {
     Deadline { after: Duration },
     #[error("client went away")]
     ClientGone,
+    #[error("bad WebSocket upgrade: {0}")]
+    BadUpgrade(&'static str),
     #[error("lua: {0}")]
     Lua(String),
 }
@@ -74,6 +76,7 @@ impl ProxyError {
             | Self::Upstream { .. }
             | Self::ReadTimeout { .. }
             | Self::SendTimeout { .. }
+            | Self::BadUpgrade(_)
             | Self::Deadline { .. } => Side::Upstream,
             Self::Lua(_) => Side::Internal,
         }

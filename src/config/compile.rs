@@ -477,6 +477,10 @@ impl Compiler {
         if tries == 0 {
             self.err(format!("{key}.retry.tries"), "tries counts the first attempt: at least 1");
         }
+        let websocket = r.websocket.unwrap_or(false);
+        if websocket && !matches!(&action, Some(Action::Proxy(u)) if u.protocol == Protocol::Http1) {
+            self.err(format!("{key}.websocket"), "WebSocket needs an upstream speaking http1");
+        }
         Some((
             Route {
                 name: Arc::from(r.name.clone().unwrap_or(key)),
@@ -485,6 +489,7 @@ impl Compiler {
                 timeout,
                 client_max_body_size,
                 tries: tries.max(1),
+                websocket,
                 lua,
             },
             matcher,

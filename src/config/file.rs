@@ -188,6 +188,7 @@ pub struct RouteCfg {
     pub timeout: Option<String>,
     pub client_max_body_size: Option<Scalar>,
     pub retry: Option<RetryCfg>,
+    pub websocket: Option<bool>,
     pub lua: Option<RouteLuaCfg>,
 }
 

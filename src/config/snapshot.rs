@@ -91,6 +91,8 @@ pub struct Route {
     pub client_max_body_size: u64,
     /// Peers to try in all when connecting fails (1 = no retry).
     pub tries: u32,
+    /// WebSocket upgrades (HTTP/1.1 Upgrade, HTTP/2 extended CONNECT) are proxied.
+    pub websocket: bool,
     /// Phase scripts, if the route has any.
     pub lua: Option<Arc<crate::lua::RouteLua>>,
 }

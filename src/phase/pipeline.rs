@@ -8,6 +8,7 @@
 //! the response body ends or is dropped (see `body::ResponseBody`), so it
 //! never delays the client.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -21,6 +22,7 @@ use tokio::time::Instant;
 
 use super::body::{self, RequestStream, RequestTally, ResponseBody, UpstreamBody};
 use super::lua::{ClientBody, Flow, LuaBalancer, LuaCtx};
+use super::upgrade::{self, Ask, Tunnel};
 use super::{headers, respond};
 use crate::config::snapshot::{Action, Listener, Route};
 use crate::config::Snapshot;
@@ -39,12 +41,23 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     pub listener: Arc<Listener>,
     pub tls: bool,
+    /// An HTTP/1.1 WebSocket answered with 101: the connection task runs it
+    /// once hyper has written the head (see `upgrade`).
+    tunnel: RefCell<Option<Tunnel>>,
 }
 
 impl ConnInfo {
     pub fn new(client: SocketAddr, listener: Arc<Listener>, tls: bool) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        Self { client, client_ip, listener, tls }
+        Self { client, client_ip, listener, tls, tunnel: RefCell::new(None) }
+    }
+
+    pub fn has_tunnel(&self) -> bool {
+        self.tunnel.borrow().is_some()
+    }
+
+    pub fn take_tunnel(&self) -> Option<Tunnel> {
+        self.tunnel.borrow_mut().take()
     }
 }
 
@@ -120,6 +133,10 @@ pub async fn handle(
     if let Some(log) = &mut guard.0 {
         log.route = Some(Arc::clone(&route.name));
     }
+    if parts.method == http::Method::CONNECT && !(route.websocket && upgrade::asked(&parts).is_some()) {
+        let err = ProxyError::MethodNotAllowed(parts.method.to_string());
+        return Ok(respond::error(&err, is_grpc, guard.0.take()));
+    }
     if route.lua.is_none() {
         return Ok(match &route.action {
             Action::Proxy(upstream) => {
@@ -149,7 +166,12 @@ pub async fn handle(
             action => (answer(action, guard.0.take()), None),
         },
     };
-    Ok(if lua.passes_through() { resp } else { lua.respond(resp, upstream).await })
+    let resp = if lua.passes_through() { resp } else { lua.respond(resp, upstream).await };
+    if route.websocket && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        // header_filter answered otherwise: no tunnel (its peer connection closes).
+        drop(conn.take_tunnel());
+    }
+    Ok(resp)
 }
 
 /// What luagate refuses before routing, as nginx does: a method that is not
@@ -231,9 +253,15 @@ impl Proxy<'_> {
         }
 
         let deadline = self.deadline(&parts);
+        let ask = if self.route.websocket { upgrade::asked(&parts) } else { None };
+        let client_upgrade = match ask {
+            Some(Ask::ExtendedConnect) => parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+            _ => None,
+        };
         // Hop-by-hop headers go first: what the client's Connection header names is not
         // there for the real address (so X-Real-IP and X-Forwarded-For agree) nor the hash key.
         headers::strip_hop_by_hop(&mut parts.headers, up.protocol == Protocol::H2c);
+        let expected_accept = ask.and_then(|ask| upgrade::upstream_request(&mut parts, ask));
         let client_ip = self.conn.client.ip();
         let trusted = self.snap.is_trusted(client_ip);
         let real_ip = headers::real_client_ip(&parts.headers, client_ip, |ip| self.snap.is_trusted(ip));
@@ -327,6 +355,7 @@ impl Proxy<'_> {
             }
         };
         let (mut head, incoming) = answer.response.into_parts();
+        let upstream_upgrade = head.headers.get(http::header::UPGRADE).cloned();
         headers::strip_hop_by_hop(&mut head.headers, false);
         let Some(mut log) = guard.0.take() else {
             return (respond::error(&ProxyError::ClientGone, self.is_grpc, None), None);
@@ -334,6 +363,37 @@ impl Proxy<'_> {
         log.peer = Some(answer.peer);
         log.status = head.status.as_u16();
         log.upstream_time = Some(answer.elapsed);
+        if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let opened = match ask {
+                None => Err(ProxyError::BadUpgrade("the peer switched protocols unasked")),
+                Some(ask) => upgrade::client_head(&mut head, ask, upstream_upgrade, expected_accept.as_ref())
+                    .and_then(|()| {
+                        head.extensions
+                            .remove::<hyper::upgrade::OnUpgrade>()
+                            .ok_or(ProxyError::BadUpgrade("the peer connection cannot be handed over"))
+                    })
+                    .map(|on| (ask, on)),
+            };
+            let (ask, on) = match opened {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(route = %self.route.name, upstream = %up.name, peer = %answer.peer, error = %e, "request failed");
+                    return (respond::error(&e, self.is_grpc, Some(log)), None);
+                }
+            };
+            log.status = head.status.as_u16();
+            let tunnel = Tunnel::new(on, up.timeouts.read, Some(log));
+            match (ask, client_upgrade) {
+                (Ask::Upgrade, _) => *self.conn.tunnel.borrow_mut() = Some(tunnel),
+                (Ask::ExtendedConnect, Some(client)) => tunnel.spawn_h2(client),
+                (Ask::ExtendedConnect, None) => {
+                    let e = ProxyError::BadUpgrade("the client stream cannot be handed over");
+                    return (respond::error(&e, self.is_grpc, None), None);
+                }
+            }
+            let resp = Response::from_parts(head, ResponseBody::full(bytes::Bytes::new(), None));
+            return (resp, Some((answer.peer, answer.elapsed)));
+        }
         if self.is_grpc && (head.status != http::StatusCode::OK || !grpc::is_grpc(&head.headers)) {
             // A peer that does not speak gRPC (an HTTP/1.1 error page, a JSON answer): the caller
             // gets a gRPC status mapped from the HTTP one, as gRPC clients map it, never the page.

@@ -64,7 +64,8 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
         ProxyError::NoPeer { .. }
         | ProxyError::Connect { .. }
         | ProxyError::ConnectTimeout { .. }
-        | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, Code::Unavailable),
+        | ProxyError::Upstream { .. }
+        | ProxyError::BadUpgrade(_) => (StatusCode::BAD_GATEWAY, Code::Unavailable),
         ProxyError::ReadTimeout { .. } | ProxyError::SendTimeout { .. } => {
             (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable)
         }
@@ -88,7 +89,8 @@ pub fn client_message(err: &ProxyError) -> &'static str {
         ProxyError::NoPeer { .. }
         | ProxyError::Connect { .. }
         | ProxyError::ConnectTimeout { .. }
-        | ProxyError::Upstream { .. } => "upstream unavailable",
+        | ProxyError::Upstream { .. }
+        | ProxyError::BadUpgrade(_) => "upstream unavailable",
         ProxyError::ReadTimeout { .. } | ProxyError::SendTimeout { .. } => "upstream timed out",
         ProxyError::Deadline { .. } => "deadline exceeded",
         ProxyError::ClientGone => "cancelled",

@@ -118,8 +118,9 @@ pub fn serve(
         (false, true) => Mode::Http2,
         _ => Mode::Auto,
     };
-    let service = service(Rc::new(ConnInfo::new(client, listener, false)), worker);
-    Either::Right(serve_conn(Conn { io: Io::new(stream, None), service, limits, stop, _entered: entered }, mode))
+    let info = Rc::new(ConnInfo::new(client, listener, false));
+    let service = service(Rc::clone(&info), worker);
+    Either::Right(serve_conn(Conn { io: Io::new(stream, None), service, info, limits, stop, _entered: entered }, mode))
 }
 
 async fn serve_tls(
@@ -145,8 +146,9 @@ async fn serve_tls(
         }
     };
     let mode = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") { Mode::Http2 } else { Mode::Http1 };
-    let service = service(Rc::new(ConnInfo::new(client, listener, true)), worker);
-    serve_conn(Conn { io: Io::new(tls_stream, None), service, limits, stop, _entered: entered }, mode).await
+    let info = Rc::new(ConnInfo::new(client, listener, true));
+    let service = service(Rc::clone(&info), worker);
+    serve_conn(Conn { io: Io::new(tls_stream, None), service, info, limits, stop, _entered: entered }, mode).await
 }
 
 /// The pipeline as the connection's hyper service.
@@ -163,6 +165,8 @@ fn service(
 struct Conn<I, S> {
     io: Io<I>,
     service: S,
+    /// Where a request that upgraded the connection leaves its WebSocket tunnel.
+    info: Rc<ConnInfo>,
     limits: Limits,
     stop: watch::Receiver<bool>,
     _entered: Entered,
@@ -285,6 +289,16 @@ where
                         Poll::Pending if !graceful && watch.idle(first_idle_wait) => Poll::Ready(None),
                         Poll::Pending => Poll::Pending,
                     }) => match ended_ {
+                        // hyper wrote a 101 and stopped: the socket is the tunnel's (phase::upgrade).
+                        Some(Ok(())) if c.info.has_tunnel() => {
+                            let Some(tunnel) = c.info.take_tunnel() else { return };
+                            let parts = conn.into_parts();
+                            let early = match parts.io.prefix {
+                                Some(rest) => [&parts.read_buf[..], &rest[..]].concat().into(),
+                                None => parts.read_buf,
+                            };
+                            return tunnel.run(parts.io.inner.into_inner(), early).await;
+                        }
                         Some(res) => return ended(res.map_err(Into::into)),
                         None => break,
                     },
@@ -352,6 +366,8 @@ where
             .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
             .adaptive_window(true)
             .max_concurrent_streams(1024)
+            // RFC 8441: WebSocket over HTTP/2 (routes decide whether they allow it).
+            .enable_connect_protocol()
             .serve_connection(io, service),
     );
     let mut stopping = *stop.borrow();

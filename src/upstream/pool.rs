@@ -75,7 +75,8 @@ impl Pool {
             Protocol::Http1 => {
                 let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(connect_err)?;
                 tokio::task::spawn_local(async move {
-                    if let Err(e) = conn.await {
+                    // A 101 hands the socket to the response's upgrade (a WebSocket tunnel).
+                    if let Err(e) = conn.with_upgrades().await {
                         tracing::debug!(%peer, error = %e, "upstream connection ended");
                     }
                 });

@@ -19,10 +19,13 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// default. One scan of the names (a few short ones, usually none matching);
 /// only a request that has such a header pays for removing it.
 pub fn drop_underscored(headers: &mut HeaderMap) {
-    if !headers.keys().any(|n| n.as_str().as_bytes().contains(&b'_')) {
+    // A plain byte loop: `<[u8]>::contains` goes through `memchr`, whose setup
+    // costs more than these names are long.
+    let underscored = |n: &HeaderName| n.as_str().bytes().any(|b| b == b'_');
+    if !headers.keys().any(underscored) {
         return;
     }
-    let dropped: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().as_bytes().contains(&b'_')).cloned().collect();
+    let dropped: Vec<HeaderName> = headers.keys().filter(|n| underscored(n)).cloned().collect();
     for name in dropped {
         tracing::debug!(header = %name, "client sent a header with an underscore: ignored");
         headers.remove(name);

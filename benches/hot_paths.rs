@@ -194,6 +194,58 @@ fn bench_lua_hook(c: &mut Criterion) {
     });
 }
 
+/// Lua pattern functions: LuaJIT's own (C, out of the budget's reach) against
+/// luagate's (`lua::string`, stoppable), 1000 calls per iteration from a Lua
+/// loop, on the kind of strings access scripts look at.
+fn bench_lua_patterns(c: &mut Criterion) {
+    let ops: [(&str, &str); 6] = [
+        ("find_plain", "local n = 0 for i = 1, 1000 do if s:find('/api/', 1, true) then n = n + 1 end end return n"),
+        (
+            "find_prefix_pattern",
+            "local n = 0 for i = 1, 1000 do if s:find('^/api/v%d+/') then n = n + 1 end end return n",
+        ),
+        (
+            "match_bearer",
+            "local n = 0 for i = 1, 1000 do if auth:match('^Bearer%s+(.+)$') then n = n + 1 end end return n",
+        ),
+        (
+            "match_trim",
+            "local n = 0 for i = 1, 1000 do if padded:match('^%s*(.-)%s*$') then n = n + 1 end end return n",
+        ),
+        ("gsub_string", "local n = 0 for i = 1, 1000 do local _, k = csv:gsub(',', ';') n = n + k end return n"),
+        (
+            "gmatch_pairs",
+            "local n = 0 for i = 1, 1000 do for k, v in query:gmatch('([^&=]+)=([^&]*)') do n = n + 1 end end return n",
+        ),
+    ];
+    let stop = || false;
+    let auth = b"Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc";
+    c.bench_function("lua_pattern_matcher_only_bearer", |b| {
+        b.iter(|| {
+            let mut m = lua::pattern::Matcher::new(black_box(auth), b"^Bearer%s+(.+)$", &stop);
+            black_box(m.match_at(0, 1).expect("matches"))
+        })
+    });
+    for (which, ours) in [("luajit", false), ("luagate", true)] {
+        let lua = mlua::Lua::new();
+        if ours {
+            lua::string::register(&lua).expect("string functions");
+        }
+        let g = lua.globals();
+        g.set("s", "/api/v1/users/42/orders?limit=10").expect("s");
+        g.set("auth", "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc").expect("auth");
+        g.set("padded", "   hello world   ").expect("padded");
+        g.set("csv", "a,b,c,d,e,f").expect("csv");
+        g.set("query", "a=1&b=two&c=3&d=").expect("query");
+        for (name, code) in ops {
+            let f: mlua::Function = lua.load(code).into_function().expect("compiles");
+            c.bench_function(&format!("lua_pattern_{name}_x1000_{which}"), |b| {
+                b.iter(|| black_box(f.call::<i64>(()).expect("runs")))
+            });
+        }
+    }
+}
+
 /// Polls a future that never waits (these scripts don't) to completion.
 fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
     let waker = std::task::Waker::noop();
@@ -212,6 +264,7 @@ criterion_group!(
     bench_route_match,
     bench_balancer,
     bench_header_rewrite,
-    bench_lua_hook
+    bench_lua_hook,
+    bench_lua_patterns
 );
 criterion_main!(hot_paths);

@@ -30,6 +30,12 @@ pub enum ProxyError {
     /// than normalised into another method.
     #[error("gRPC path {path:?} is not canonical (/package.Service/Method)")]
     GrpcPath { path: String },
+    #[error("more than {limit} request header fields")]
+    TooManyHeaders { limit: usize },
+    #[error("method {0} not allowed")]
+    MethodNotAllowed(String),
+    #[error("client sent no request body data for {0:?}")]
+    ClientBodyTimeout(Duration),
     #[error("no live peer in upstream {upstream}")]
     NoPeer { upstream: String },
     #[error("connect to {peer} failed: {source}")]
@@ -56,6 +62,8 @@ pub enum ProxyError {
     Deadline { after: Duration },
     #[error("client went away")]
     ClientGone,
+    #[error("bad WebSocket upgrade: {0}")]
+    BadUpgrade(&'static str),
     #[error("lua: {0}")]
     Lua(String),
 }
@@ -69,6 +77,9 @@ impl ProxyError {
             | Self::BadRequest(_)
             | Self::BadPath(_)
             | Self::GrpcPath { .. }
+            | Self::MethodNotAllowed(_)
+            | Self::TooManyHeaders { .. }
+            | Self::ClientBodyTimeout(_)
             | Self::ClientGone => Side::Downstream,
             Self::NoPeer { .. }
             | Self::Connect { .. }
@@ -77,6 +88,7 @@ impl ProxyError {
             | Self::Upstream { .. }
             | Self::SendTimeout { .. }
             | Self::ReadTimeout { .. }
+            | Self::BadUpgrade(_)
             | Self::Deadline { .. } => Side::Upstream,
             Self::Lua(_) => Side::Internal,
         }
@@ -86,6 +98,30 @@ impl ProxyError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Connect { .. } | Self::ConnectTimeout { .. })
     }
+}
+
+/// Whether an error reading the client's request body means the client went
+/// away (closed or reset the connection, cancelled the HTTP/2 stream), as
+/// opposed to sending something malformed (a bad chunk, a body longer or
+/// shorter than declared), which is a 400.
+pub fn client_went_away(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof);
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_io() || h2.reason() == Some(h2::Reason::CANCEL);
+        }
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() || hyper.is_canceled() {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Boxed error used for body streams, where hyper wants `Into<Box<dyn Error>>`.

@@ -7,9 +7,8 @@
 //! listener, `workers: auto` starting one worker per core, SIGUSR1
 //! reopening a rotated access log, and the pid file removed at exit.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -19,76 +18,12 @@ use hyper_util::rt::TokioExecutor;
 use testbed::pb::echo_client::EchoClient;
 use testbed::pb::EchoRequest;
 
-const BIN: &str = env!("CARGO_BIN_EXE_luagate");
+mod support;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
+use support::{free_port, Luagate, BIN};
 
-fn dir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-/// A luagate process, stopped by PID when dropped.
-struct Luagate {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Luagate {
-    fn start(dir: &std::path::Path, config: &str, port: u16) -> Self {
-        let cfg = dir.join("luagate.yaml");
-        std::fs::write(&cfg, config).expect("config");
-        let stderr = dir.join("stderr.log");
-        let child = Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("luagate starts");
-        let until = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < until,
-                "luagate did not listen: {}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, stderr }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str) {
-        let until = Instant::now() + Duration::from_secs(5);
-        while !self.log().contains(needle) {
-            assert!(Instant::now() < until, "no {needle:?} in the log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Luagate {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let until = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn dir(name: &str) -> std::path::PathBuf {
+    support::dir("cli", name)
 }
 
 #[test]

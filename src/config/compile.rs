@@ -37,6 +37,10 @@ const MAX_WINDOW: u32 = (1 << 31) - 1;
 const DEFAULT_TIMEOUTS: Timeouts =
     Timeouts { connect: Duration::from_secs(5), send: Duration::from_secs(60), read: Duration::from_secs(60) };
 
+/// Highest `limits.max_headers`: hyper parses a head's fields into an array
+/// of this many entries (on the heap past 100), allocated per request head.
+const MAX_HEADERS: usize = 10_000;
+
 pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
     let mut c = Compiler {
         errors: Vec::new(),
@@ -122,6 +126,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
         shutdown_grace,
         trusted_proxies,
         merge_slashes: cfg.merge_slashes.unwrap_or(true),
+        underscores_in_headers: cfg.underscores_in_headers,
         limits: Arc::new(limits),
         listeners,
         routes,
@@ -216,7 +221,16 @@ impl Compiler {
                 u64::from(d.http2_recv_window),
             ))
             .unwrap_or(u32::MAX),
+            max_headers: l.max_headers.unwrap_or(d.max_headers),
+            client_body_timeout: self.positive(
+                "limits.client_body_timeout",
+                l.client_body_timeout.as_deref(),
+                d.client_body_timeout,
+            ),
         };
+        if !(1..=MAX_HEADERS).contains(&limits.max_headers) {
+            self.err("limits.max_headers", format!("must be from 1 to {MAX_HEADERS}"));
+        }
         if limits.max_header_size < 8192 {
             self.err("limits.max_header_size", "must be at least 8k (hyper reads request heads in 8k buffers)");
         }
@@ -539,6 +553,10 @@ impl Compiler {
         if tries == 0 {
             self.err(format!("{key}.retry.tries"), "tries counts the first attempt: at least 1");
         }
+        let websocket = r.websocket.unwrap_or(false);
+        if websocket && !matches!(&action, Some(Action::Proxy(u)) if u.protocol == Protocol::Http1) {
+            self.err(format!("{key}.websocket"), "WebSocket needs an upstream speaking http1");
+        }
         Some((
             Route {
                 name: Arc::from(r.name.clone().unwrap_or(key)),
@@ -547,6 +565,7 @@ impl Compiler {
                 timeout,
                 client_max_body_size,
                 tries: tries.max(1),
+                websocket,
                 lua,
             },
             matcher,

@@ -25,6 +25,9 @@ pub struct FileConfig {
     /// nginx's `merge_slashes`: `//` in a request path counts as `/` (default true).
     #[serde(default)]
     pub merge_slashes: Option<bool>,
+    /// Accept request headers whose name has an `_` (nginx's `underscores_in_headers`).
+    #[serde(default)]
+    pub underscores_in_headers: bool,
     #[serde(default)]
     pub limits: LimitsCfg,
     #[serde(default)]
@@ -118,6 +121,7 @@ pub struct ShutdownCfg {
 #[serde(deny_unknown_fields)]
 pub struct LimitsCfg {
     pub max_header_size: Option<Scalar>,
+    pub max_headers: Option<usize>,
     pub client_max_body_size: Option<Scalar>,
     pub header_read_timeout: Option<String>,
     pub keepalive_timeout: Option<String>,
@@ -126,6 +130,7 @@ pub struct LimitsCfg {
     pub http2_max_concurrent_streams: Option<u32>,
     pub http2_send_buffer: Option<Scalar>,
     pub http2_recv_window: Option<Scalar>,
+    pub client_body_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -196,6 +201,7 @@ pub struct RouteCfg {
     pub timeout: Option<String>,
     pub client_max_body_size: Option<Scalar>,
     pub retry: Option<RetryCfg>,
+    pub websocket: Option<bool>,
     pub lua: Option<RouteLuaCfg>,
 }
 

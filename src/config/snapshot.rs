@@ -29,6 +29,8 @@ pub struct Snapshot {
     /// when the path is normalised (`protocol::uri::normalize`).
     pub merge_slashes: bool,
     pub limits: Arc<Limits>,
+    /// Request headers with `_` in their name are kept (else dropped before routing).
+    pub underscores_in_headers: bool,
     pub listeners: Vec<Arc<Listener>>,
     pub routes: Vec<Arc<Route>>,
     pub table: RouteTable,
@@ -67,6 +69,8 @@ pub enum AccessLogTarget {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_header_size: usize,
+    /// Most header fields in a request head (431 past it).
+    pub max_headers: usize,
     pub client_max_body_size: u64,
     /// From accept to a complete first request head (TLS handshake included),
     /// and from the first byte of a later head to its end.
@@ -82,6 +86,8 @@ pub struct Limits {
     pub http2_send_buffer: usize,
     /// The receive window of an HTTP/2 connection (and of each of its streams).
     pub http2_recv_window: u32,
+    /// Longest wait for the next piece of a request body (408 past it).
+    pub client_body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -96,6 +102,8 @@ impl Default for Limits {
             http2_max_concurrent_streams: 128,
             http2_send_buffer: 1 << 20,
             http2_recv_window: 1 << 20,
+            client_body_timeout: Duration::from_secs(60),
+            max_headers: 100,
         }
     }
 }
@@ -119,6 +127,8 @@ pub struct Route {
     pub client_max_body_size: u64,
     /// Peers to try in all when connecting fails (1 = no retry).
     pub tries: u32,
+    /// WebSocket upgrades (HTTP/1.1 Upgrade, HTTP/2 extended CONNECT) are proxied.
+    pub websocket: bool,
     /// Phase scripts, if the route has any.
     pub lua: Option<Arc<crate::lua::RouteLua>>,
 }

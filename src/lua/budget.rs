@@ -85,6 +85,24 @@ pub fn tripped() -> bool {
     TRIPPED.with(|t| t.get())
 }
 
+/// True once the watchdog has given up on the Lua slice running on this
+/// thread: what code that runs long without Lua instructions (the pattern
+/// matcher) asks now and then, since the hook cannot reach it.
+pub fn overran() -> bool {
+    CLOCK.with(|c| {
+        c.borrow().as_ref().is_some_and(|c| {
+            let running = c.running.load(Ordering::Relaxed);
+            running != 0 && running == c.hooked.load(Ordering::Relaxed)
+        })
+    })
+}
+
+/// Marks the running script as stopped by the budget, as the hook does
+/// before it raises (the error then reads as "time budget exceeded").
+pub fn trip() {
+    TRIPPED.with(|t| t.set(true));
+}
+
 /// Marks Lua as running on this worker while alive.
 pub struct Slice(bool);
 

@@ -13,8 +13,10 @@ pub mod ceiling;
 pub mod compile;
 pub mod coroutine;
 pub mod ngx;
+pub mod pattern;
 pub mod request;
 pub mod runtime;
+pub mod string;
 
 use std::sync::Arc;
 use std::time::Duration;

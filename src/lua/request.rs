@@ -38,6 +38,9 @@ pub struct LuaResponse {
     /// Where output goes while a phase that may answer (rewrite, access,
     /// content) runs; `None` in the other phases (output stays buffered).
     pub stream: Option<super::ngx::resp::Stream>,
+    /// Headers header_filter set: what an `ngx.exit(status)` there keeps of
+    /// the response's headers (as OpenResty, not the upstream's).
+    pub filter_set: Vec<http::HeaderName>,
 }
 
 /// What the balancer phase asked for.
@@ -75,6 +78,8 @@ pub struct LuaRequest {
     pub body_read: bool,
     /// The route's client_max_body_size (0 = none), for `read_body`.
     pub body_limit: u64,
+    /// `limits.client_body_timeout`: `read_body`'s longest wait for the next piece.
+    pub body_timeout: Duration,
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub tls: bool,
@@ -153,6 +158,7 @@ impl LuaRequest {
             incoming: None,
             body_read: false,
             body_limit: 0,
+            body_timeout: Duration::from_secs(60),
             client,
             server,
             tls,

@@ -112,6 +112,8 @@ impl Runtime {
         // cost more than the call itself.
         let lua = Lua::new_with(StdLib::ALL_SAFE, LuaOptions::new().thread_pool_size(256))?;
         sandbox(&lua, settings)?;
+        // Pattern matching the script budget can stop (LuaJIT's is out of the hook's reach).
+        super::string::register(&lua)?;
         let fatal = lua
             .create_function(|_, _err: Value| Ok(budget::tripped() || ngx::resp::exiting() || coroutine::aborting()))?;
         let message = lua.create_function(|lua, err: Value| match err {

@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,12 +28,36 @@ use crate::protocol::grpc::{self, Code};
 use crate::upstream::balancer::InFlight;
 use std::sync::Arc;
 
-/// What the request body tells the rest of the request.
-#[derive(Debug, Default)]
+/// What the request body tells the rest of the request, and how far it has
+/// gone: shared by the body (polled by the upstream connection's task) and
+/// the call waiting for the response head (`upstream::call`), which it wakes
+/// when that call's clock should change (see [`RequestTally::register`]).
+#[derive(Default)]
 pub struct RequestTally {
     pub bytes: Cell<u64>,
     pub limit_hit: Cell<bool>,
+    /// The client sent nothing for `client_body_timeout`.
     pub timed_out: Cell<bool>,
+    /// The client's body failed: `Some(true)` it went away, `Some(false)` it was malformed.
+    pub client_failed: Cell<Option<bool>>,
+    /// When the body last handed a frame to the upstream connection, which has not asked for the next yet.
+    pub handed: Cell<Option<Instant>>,
+    /// When the body's last frame was handed over: the request has been sent.
+    pub sent: Cell<Option<Instant>>,
+    waiter: Cell<Option<Waker>>,
+}
+
+impl RequestTally {
+    /// The task waiting for the response head, woken when the body moves on.
+    pub fn register(&self, waker: &Waker) {
+        self.waiter.set(Some(waker.clone()));
+    }
+
+    fn moved(&self) {
+        if let Some(w) = self.waiter.take() {
+            w.wake();
+        }
+    }
 }
 
 /// The body sent upstream. `Empty` and `Full` can be replayed to another peer.
@@ -52,13 +76,21 @@ pub struct RequestStream {
 }
 
 impl RequestStream {
-    /// `limit` 0 = none; `idle` = longest wait for the client's next frame.
+    /// `limit` 0 = none; `idle` = longest wait for the client's next frame (`client_body_timeout`).
     pub fn new(inner: Incoming, limit: u64, idle: Duration, tally: Rc<RequestTally>) -> Self {
         Self { inner, limit, idle, timer: None, tally }
     }
 }
 
 impl UpstreamBody {
+    /// How far a streamed body has gone (None: the body is there whole, sent at once).
+    pub fn progress(&self) -> Option<Rc<RequestTally>> {
+        match self {
+            Self::Stream(s) => Some(Rc::clone(&s.tally)),
+            _ => None,
+        }
+    }
+
     /// A copy for another attempt, when the body can be replayed.
     pub fn try_clone(&self) -> Option<Self> {
         match self {
@@ -73,8 +105,8 @@ impl UpstreamBody {
 pub enum BodyError {
     #[error("request body larger than {0} bytes")]
     TooLarge(u64),
-    #[error("no request body data for {0:?}")]
-    SendTimeout(Duration),
+    #[error("client sent no request body data for {0:?}")]
+    ClientTimeout(Duration),
     #[error("upstream sent no data for {0:?}")]
     ReadTimeout(Duration),
     #[error("request deadline exceeded")]
@@ -112,6 +144,8 @@ impl Body for UpstreamBody {
 
 impl RequestStream {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Asked for the next frame: the upstream connection took the last one.
+        self.tally.handed.set(None);
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.timer = None;
@@ -123,16 +157,31 @@ impl RequestStream {
                         return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit).into())));
                     }
                 }
+                // hyper polls no further once the body says it has ended.
+                let now = Some(Instant::now());
+                if self.inner.is_end_stream() {
+                    self.tally.sent.set(now);
+                } else {
+                    self.tally.handed.set(now);
+                }
+                self.tally.moved();
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                self.tally.client_failed.set(Some(crate::error::client_went_away(&e)));
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                self.tally.sent.set(Some(Instant::now()));
+                self.tally.moved();
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let idle = self.idle;
                 let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 ready!(timer.as_mut().poll(cx));
                 self.tally.timed_out.set(true);
-                Poll::Ready(Some(Err(BodyError::SendTimeout(idle).into())))
+                Poll::Ready(Some(Err(BodyError::ClientTimeout(idle).into())))
             }
         }
     }

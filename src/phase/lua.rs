@@ -84,6 +84,7 @@ impl LuaCtx {
         let mut r = LuaRequest::new(parts, client, server, conn.tls, route_name, is_grpc, started);
         r.incoming = Some(body);
         r.body_limit = route.client_max_body_size;
+        r.body_timeout = snap.limits.client_body_timeout;
         let scripts = route.lua.clone().ok_or_else(|| ProxyError::Lua("the route has no Lua scripts".into()))?;
         Ok(Self { runtime, req: Rc::new(RefCell::new(r)), scripts, is_grpc })
     }
@@ -295,12 +296,41 @@ impl LuaCtx {
             if self.req.borrow().resp.headers_sent {
                 self.req.borrow_mut().exit = exit;
             }
-            if let Outcome::Error(msg) = outcome {
-                let mut r = self.req.borrow_mut();
-                r.resp.status = 500;
-                drop(r);
-                body.set_error(msg);
-                return respond::error(&ProxyError::Lua("header_filter failed".into()), self.is_grpc, body.take_log());
+            match outcome {
+                Outcome::Error(msg) => {
+                    let mut r = self.req.borrow_mut();
+                    r.resp.status = 500;
+                    drop(r);
+                    body.set_error(msg);
+                    return respond::error(
+                        &ProxyError::Lua("header_filter failed".into()),
+                        self.is_grpc,
+                        body.take_log(),
+                    );
+                }
+                // As OpenResty: the head is not sent yet, so the exit's status takes effect —
+                // the response body is dropped for the status's page (none below 300) and
+                // keeps only the headers header_filter set. ngx.exit(ngx.OK) only ends the filter.
+                Outcome::Exit(code) if code != 0 => {
+                    {
+                        let mut r = self.req.borrow_mut();
+                        let set = std::mem::take(&mut r.resp.filter_set);
+                        let mut kept = http::HeaderMap::new();
+                        for name in set {
+                            for v in r.resp.headers.get_all(&name) {
+                                kept.append(name.clone(), v.clone());
+                            }
+                        }
+                        r.resp.headers = kept;
+                        r.resp.body.clear();
+                        r.resp.status = 0;
+                    }
+                    let log = body.take_log();
+                    let resp = self.exit_response(code, log);
+                    self.req.borrow_mut().resp.status = resp.status().as_u16();
+                    return resp;
+                }
+                _ => {}
             }
         }
         {

@@ -7,4 +7,5 @@ pub mod headers;
 pub mod lua;
 pub mod pipeline;
 pub mod respond;
+pub mod upgrade;
 pub mod variable;

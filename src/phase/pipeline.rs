@@ -14,6 +14,7 @@
 //! never delays the client.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -27,6 +28,7 @@ use tokio::time::Instant;
 
 use super::body::{self, RequestStream, RequestTally, ResponseBody, UpstreamBody};
 use super::lua::{ClientBody, Flow, LuaBalancer, LuaCtx};
+use super::upgrade::{self, Ask, Tunnel};
 use super::{headers, respond};
 use crate::config::snapshot::{Action, Listener, Route};
 use crate::config::Snapshot;
@@ -45,12 +47,23 @@ pub struct ConnInfo {
     pub client_ip: HeaderValue,
     pub listener: Arc<Listener>,
     pub tls: bool,
+    /// An HTTP/1.1 WebSocket answered with 101: the connection task runs it
+    /// once hyper has written the head (see `upgrade`).
+    tunnel: RefCell<Option<Tunnel>>,
 }
 
 impl ConnInfo {
     pub fn new(client: SocketAddr, listener: Arc<Listener>, tls: bool) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        Self { client, client_ip, listener, tls }
+        Self { client, client_ip, listener, tls, tunnel: RefCell::new(None) }
+    }
+
+    pub fn has_tunnel(&self) -> bool {
+        self.tunnel.borrow().is_some()
+    }
+
+    pub fn take_tunnel(&self) -> Option<Tunnel> {
+        self.tunnel.borrow_mut().take()
     }
 }
 
@@ -81,6 +94,9 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let snap = crate::config::reload::current();
     let (mut parts, body) = req.into_parts();
+    if !snap.underscores_in_headers {
+        headers::drop_underscored(&mut parts.headers);
+    }
     let trace = TraceContext::from_headers(&parts.headers);
     let started = std::time::Instant::now();
     let mut guard = LogGuard(Some(LogRecord {
@@ -100,6 +116,10 @@ pub async fn handle(
         error: None,
     }));
     let is_grpc = grpc::is_grpc(&parts.headers);
+    if let Some(err) = refused(&parts, &snap) {
+        tracing::debug!(client = %conn.client, error = %err, "request refused");
+        return Ok(closing(respond::error(&err, is_grpc, guard.0.take()), parts.version));
+    }
     // A gRPC method is named by its path exactly: `/a.B/../C` is no way to call `/C`.
     if is_grpc && !uri::is_canonical(parts.uri.path().as_bytes(), true) {
         let err = ProxyError::GrpcPath { path: parts.uri.path().to_string() };
@@ -107,7 +127,10 @@ pub async fn handle(
     }
     let path = match uri::normalize(parts.uri.path().as_bytes(), snap.merge_slashes) {
         Ok(p) => p,
-        Err(e) => return Ok(respond::error(&ProxyError::BadPath(e), is_grpc, guard.0.take())),
+        Err(e) => {
+            let resp = respond::error(&ProxyError::BadPath(e), is_grpc, guard.0.take());
+            return Ok(closing(resp, parts.version));
+        }
     };
     let host = request_host(&parts);
     let route = {
@@ -137,6 +160,10 @@ pub async fn handle(
     drop(host);
     if let Some(log) = &mut guard.0 {
         log.route = Some(Arc::clone(&route.name));
+    }
+    if parts.method == http::Method::CONNECT && !(route.websocket && upgrade::asked(&parts).is_some()) {
+        let err = ProxyError::MethodNotAllowed(parts.method.to_string());
+        return Ok(respond::error(&err, is_grpc, guard.0.take()));
     }
     if route.lua.is_none() {
         if let Some(p) = normalised.as_ref().filter(|_| rewrite) {
@@ -179,7 +206,43 @@ pub async fn handle(
             action => (answer(action, guard.0.take()), None),
         },
     };
-    Ok(if lua.passes_through() { resp } else { lua.respond(resp, upstream).await })
+    let resp = if lua.passes_through() { resp } else { lua.respond(resp, upstream).await };
+    if route.websocket && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        // header_filter answered otherwise: no tunnel (its peer connection closes).
+        drop(conn.take_tunnel());
+    }
+    Ok(resp)
+}
+
+/// What luagate refuses before routing, as nginx does: a method that is not
+/// uppercase letters, `_` and `-` (400), a request target that is not a path
+/// or an absolute URI (`*`, `host:port`: 400), `CONNECT` (405; HTTP/2's
+/// extended CONNECT of a WebSocket is decided by the route), more header
+/// fields than `limits.max_headers` (431; hyper counts them itself on HTTP/1.1).
+fn refused(parts: &http::request::Parts, snap: &Snapshot) -> Option<ProxyError> {
+    let method = parts.method.as_str();
+    if !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-') {
+        return Some(ProxyError::BadRequest(format!("invalid method {method:?}")));
+    }
+    if !parts.uri.path().starts_with('/') {
+        return Some(ProxyError::BadRequest(format!("invalid request target {:?}", parts.uri.to_string())));
+    }
+    if parts.method == http::Method::CONNECT && parts.extensions.get::<hyper::ext::Protocol>().is_none() {
+        return Some(ProxyError::MethodNotAllowed(method.to_string()));
+    }
+    if parts.headers.len() > snap.limits.max_headers {
+        return Some(ProxyError::TooManyHeaders { limit: snap.limits.max_headers });
+    }
+    None
+}
+
+/// `resp` with `Connection: close` on HTTP/1.x: after a request refused for
+/// its framing or a failed body, the connection's next bytes cannot be trusted.
+fn closing(mut resp: Response<ResponseBody>, version: Version) -> Response<ResponseBody> {
+    if version < Version::HTTP_2 {
+        resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// A route that answers by itself (`return`), or a content route reached without its script.
@@ -218,6 +281,7 @@ impl Proxy<'_> {
         guard: &mut LogGuard,
     ) -> (Response<ResponseBody>, Option<(SocketAddr, Duration)>) {
         let up = self.upstream;
+        let version = parts.version;
         if let Some(log) = &mut guard.0 {
             log.upstream = Some(Arc::clone(&up.name));
         }
@@ -229,6 +293,15 @@ impl Proxy<'_> {
         }
 
         let deadline = self.deadline(&parts);
+        let ask = if self.route.websocket { upgrade::asked(&parts) } else { None };
+        let client_upgrade = match ask {
+            Some(Ask::ExtendedConnect) => parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+            _ => None,
+        };
+        // Hop-by-hop headers go first: what the client's Connection header names is not
+        // there for the real address (so X-Real-IP and X-Forwarded-For agree) nor the hash key.
+        headers::strip_hop_by_hop(&mut parts.headers, up.protocol == Protocol::H2c);
+        let expected_accept = ask.and_then(|ask| upgrade::upstream_request(&mut parts, ask));
         let client_ip = self.conn.client.ip();
         let trusted = self.snap.is_trusted(client_ip);
         let real_ip = headers::real_client_ip(&parts.headers, client_ip, |ip| self.snap.is_trusted(ip));
@@ -236,7 +309,6 @@ impl Proxy<'_> {
             up.hash_key.as_ref().and_then(|v| v.eval(&parts, real_ip)).map(|c| c.into_owned());
 
         let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, up.protocol == Protocol::H2c);
         headers::set_forwarded(h, &self.conn.client_ip, trusted, real_ip, if self.conn.tls { "https" } else { "http" });
         h.insert(&crate::observe::trace::TRACEPARENT, self.trace.header_value());
         let authority = match &self.route.host_header {
@@ -268,9 +340,12 @@ impl Proxy<'_> {
         let tally = Rc::new(RequestTally::default());
         let upstream_body = match body {
             ClientBody::Stream(body) if body.is_end_stream() => UpstreamBody::Empty,
-            ClientBody::Stream(body) => {
-                UpstreamBody::Stream(RequestStream::new(body, limit, up.timeouts.send, Rc::clone(&tally)))
-            }
+            ClientBody::Stream(body) => UpstreamBody::Stream(RequestStream::new(
+                body,
+                limit,
+                self.snap.limits.client_body_timeout,
+                Rc::clone(&tally),
+            )),
             ClientBody::Read(bytes) => {
                 tally.bytes.set(bytes.len() as u64);
                 // Lua read, replaced or discarded the body: the length sent is the body's now (nginx
@@ -296,12 +371,33 @@ impl Proxy<'_> {
         let answer = match result {
             Ok(a) => a,
             Err(e) => {
-                let e = if tally.limit_hit.get() { ProxyError::BodyTooLarge { limit } } else { e };
-                tracing::warn!(route = %self.route.name, error = %e, "request failed");
-                return (respond::error(&e, self.is_grpc, guard.0.take()), None);
+                // A request body that failed is the client's doing, whatever the upstream call
+                // made of it (hyper aborts the upstream request: the peer sees it cut).
+                let e = if tally.limit_hit.get() {
+                    ProxyError::BodyTooLarge { limit }
+                } else if tally.timed_out.get() {
+                    ProxyError::ClientBodyTimeout(self.snap.limits.client_body_timeout)
+                } else if let Some(gone) = tally.client_failed.get() {
+                    if gone {
+                        ProxyError::ClientGone
+                    } else {
+                        ProxyError::BadRequest("malformed request body".into())
+                    }
+                } else {
+                    e
+                };
+                match e.side() {
+                    crate::error::Side::Downstream => {
+                        tracing::info!(route = %self.route.name, upstream = %up.name, error = %e, "request aborted: client error")
+                    }
+                    _ => tracing::warn!(route = %self.route.name, upstream = %up.name, error = %e, "request failed"),
+                }
+                let resp = respond::error(&e, self.is_grpc, guard.0.take());
+                return (if e.side() == crate::error::Side::Downstream { closing(resp, version) } else { resp }, None);
             }
         };
         let (mut head, incoming) = answer.response.into_parts();
+        let upstream_upgrade = head.headers.get(http::header::UPGRADE).cloned();
         headers::strip_hop_by_hop(&mut head.headers, false);
         let Some(mut log) = guard.0.take() else {
             return (respond::error(&ProxyError::ClientGone, self.is_grpc, None), None);
@@ -309,6 +405,47 @@ impl Proxy<'_> {
         log.peer = Some(answer.peer);
         log.status = head.status.as_u16();
         log.upstream_time = Some(answer.elapsed);
+        if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let opened = match ask {
+                None => Err(ProxyError::BadUpgrade("the peer switched protocols unasked")),
+                Some(ask) => upgrade::client_head(&mut head, ask, upstream_upgrade, expected_accept.as_ref())
+                    .and_then(|()| {
+                        head.extensions
+                            .remove::<hyper::upgrade::OnUpgrade>()
+                            .ok_or(ProxyError::BadUpgrade("the peer connection cannot be handed over"))
+                    })
+                    .map(|on| (ask, on)),
+            };
+            let (ask, on) = match opened {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(route = %self.route.name, upstream = %up.name, peer = %answer.peer, error = %e, "request failed");
+                    return (respond::error(&e, self.is_grpc, Some(log)), None);
+                }
+            };
+            log.status = head.status.as_u16();
+            let tunnel = Tunnel::new(on, up.timeouts.read, Some(log));
+            match (ask, client_upgrade) {
+                (Ask::Upgrade, _) => *self.conn.tunnel.borrow_mut() = Some(tunnel),
+                (Ask::ExtendedConnect, Some(client)) => tunnel.spawn_h2(client),
+                (Ask::ExtendedConnect, None) => {
+                    let e = ProxyError::BadUpgrade("the client stream cannot be handed over");
+                    return (respond::error(&e, self.is_grpc, None), None);
+                }
+            }
+            let resp = Response::from_parts(head, ResponseBody::full(bytes::Bytes::new(), None));
+            return (resp, Some((answer.peer, answer.elapsed)));
+        }
+        if self.is_grpc && (head.status != http::StatusCode::OK || !grpc::is_grpc(&head.headers)) {
+            // A peer that does not speak gRPC (an HTTP/1.1 error page, a JSON answer): the caller
+            // gets a gRPC status mapped from the HTTP one, as gRPC clients map it, never the page.
+            let status = head.status.as_u16();
+            tracing::warn!(route = %self.route.name, upstream = %up.name, peer = %answer.peer, status, "upstream answered a gRPC call without gRPC");
+            log.error = Some(format!("upstream answered HTTP {status} without gRPC"));
+            let code = if status == 200 { grpc::Code::Unknown as u32 } else { grpc::from_http_status(status) };
+            let msg = format!("upstream answered without gRPC (HTTP {status})");
+            return (respond::grpc_status(code, &msg, Some(log)), Some((answer.peer, answer.elapsed)));
+        }
         log.grpc_status = if self.is_grpc { body::grpc_status(&head.headers) } else { None };
         let body = ResponseBody::upstream(
             incoming,

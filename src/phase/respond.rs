@@ -1,7 +1,8 @@
 //! The one place where a proxy-made error becomes the client's answer: an
 //! HTTP status with a short text body, or for a gRPC call a trailers-only
 //! response (HTTP 200, `grpc-status`, `grpc-message`) — never an HTML 502 to
-//! a gRPC client.
+//! a gRPC client. Either way the client learns the kind of failure only:
+//! peer addresses, OS errors and script messages go to the log.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
@@ -59,10 +60,14 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
         ProxyError::BadRequest(_) | ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, Code::Internal),
         // As a gRPC server answers a path that names no method of its.
         ProxyError::GrpcPath { .. } => (StatusCode::BAD_REQUEST, Code::Unimplemented),
+        ProxyError::TooManyHeaders { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Code::ResourceExhausted),
+        ProxyError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, Code::Unimplemented),
+        ProxyError::ClientBodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, Code::Cancelled),
         ProxyError::NoPeer { .. }
         | ProxyError::Connect { .. }
         | ProxyError::ConnectTimeout { .. }
-        | ProxyError::Upstream { .. } => (StatusCode::BAD_GATEWAY, Code::Unavailable),
+        | ProxyError::Upstream { .. }
+        | ProxyError::BadUpgrade(_) => (StatusCode::BAD_GATEWAY, Code::Unavailable),
         ProxyError::SendTimeout { .. } | ProxyError::ReadTimeout { .. } => {
             (StatusCode::GATEWAY_TIMEOUT, Code::Unavailable)
         }
@@ -74,6 +79,31 @@ pub fn classify(err: &ProxyError) -> (StatusCode, Code) {
     }
 }
 
+/// The `grpc-message` for `err`: what kind of failure, as generic as the
+/// HTTP status line an HTTP client gets.
+pub fn client_message(err: &ProxyError) -> &'static str {
+    match err {
+        ProxyError::NoRoute { .. } => "no route for this method",
+        ProxyError::BodyTooLarge { .. } => "request too large",
+        ProxyError::BadRequest(_) => "bad request",
+        ProxyError::BadPath(_) => "bad request path",
+        ProxyError::GrpcPath { .. } => "method path not canonical",
+        ProxyError::Saturated { .. } => "upstream busy",
+        ProxyError::MethodNotAllowed(_) => "method not allowed",
+        ProxyError::TooManyHeaders { .. } => "too many request header fields",
+        ProxyError::ClientBodyTimeout(_) => "client sent no data in time",
+        ProxyError::NoPeer { .. }
+        | ProxyError::Connect { .. }
+        | ProxyError::ConnectTimeout { .. }
+        | ProxyError::Upstream { .. }
+        | ProxyError::BadUpgrade(_) => "upstream unavailable",
+        ProxyError::ReadTimeout { .. } | ProxyError::SendTimeout { .. } => "upstream timed out",
+        ProxyError::Deadline { .. } => "deadline exceeded",
+        ProxyError::ClientGone => "cancelled",
+        ProxyError::Lua(_) => "internal error",
+    }
+}
+
 /// The answer for `err`; `log` (if any) is completed and travels with the body.
 pub fn error(err: &ProxyError, is_grpc: bool, mut log: Option<LogRecord>) -> Response<ResponseBody> {
     let (status, code) = classify(err);
@@ -81,7 +111,7 @@ pub fn error(err: &ProxyError, is_grpc: bool, mut log: Option<LogRecord>) -> Res
         log.error = Some(err.to_string());
     }
     if is_grpc {
-        return grpc_status(code as u32, &err.to_string(), log);
+        return grpc_status(code as u32, client_message(err), log);
     }
     if let Some(log) = &mut log {
         log.status = status.as_u16();
@@ -118,6 +148,17 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "12");
         assert_eq!(r.headers()["content-type"], "application/grpc");
+    }
+
+    #[test]
+    fn grpc_clients_learn_no_address() {
+        let source = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let err = ProxyError::Connect { peer: "127.0.0.1:1".parse().unwrap(), source };
+        let r = error(&err, true, None);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["grpc-message"], "upstream unavailable");
+        let r = error(&ProxyError::Lua("/etc/luagate/auth.lua:3: secret table dump".into()), true, None);
+        assert_eq!(r.headers()["grpc-message"], "internal error");
     }
 
     #[test]

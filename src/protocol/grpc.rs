@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderValue};
 pub enum Code {
     Ok = 0,
     Cancelled = 1,
+    Unknown = 2,
     InvalidArgument = 3,
     DeadlineExceeded = 4,
     ResourceExhausted = 8,

@@ -199,9 +199,10 @@ pub fn serve(
         (false, true) => Mode::Http2,
         _ => Mode::Auto,
     };
-    let service = service(Rc::new(ConnInfo::new(client, listener, false)), worker);
+    let info = Rc::new(ConnInfo::new(client, listener, false));
+    let service = service(Rc::clone(&info), worker);
     let io = Io::new(stream, limits);
-    Either::Right(serve_conn(Conn { io, service, stop, _entered: entered }, mode))
+    Either::Right(serve_conn(Conn { io, service, info, stop, _entered: entered }, mode))
 }
 
 async fn serve_tls(
@@ -227,9 +228,10 @@ async fn serve_tls(
         }
     };
     let mode = if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") { Mode::Http2 } else { Mode::Http1 };
-    let service = service(Rc::new(ConnInfo::new(client, listener, true)), worker);
+    let info = Rc::new(ConnInfo::new(client, listener, true));
+    let service = service(Rc::clone(&info), worker);
     let io = Io::new(tls_stream, limits);
-    serve_conn(Conn { io, service, stop, _entered: entered }, mode).await
+    serve_conn(Conn { io, service, info, stop, _entered: entered }, mode).await
 }
 
 /// The pipeline as the connection's hyper service.
@@ -246,6 +248,8 @@ fn service(
 struct Conn<I, S> {
     io: Io<I>,
     service: S,
+    /// Where a request that upgraded the connection leaves its WebSocket tunnel.
+    info: Rc<ConnInfo>,
     stop: watch::Receiver<bool>,
     _entered: Entered,
 }
@@ -360,14 +364,17 @@ where
             let watch = Arc::new(Watch::new(deadline, &c.io.limits));
             c.io.watch = Some(Arc::clone(&watch));
             // Boxed, so that the task of an idle connection is small.
-            let mut conn = Box::new(
-                http1::Builder::new()
-                    .timer(HeadTimer(Arc::clone(&watch)))
-                    .header_read_timeout(c.io.limits.header_read_timeout)
-                    .max_buf_size(c.io.limits.max_header_size.max(8192))
-                    .keep_alive(true)
-                    .serve_connection(c.io, c.service),
-            );
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(HeadTimer(Arc::clone(&watch)))
+                .header_read_timeout(c.io.limits.header_read_timeout)
+                .max_buf_size(c.io.limits.max_header_size.max(8192))
+                .keep_alive(true);
+            // hyper's own cap is 100, kept on the stack; another one is allocated per head.
+            if c.io.limits.max_headers != 100 {
+                builder.max_headers(c.io.limits.max_headers);
+            }
+            let mut conn = Box::new(builder.serve_connection(c.io, c.service));
             if graceful {
                 Pin::new(&mut *conn).graceful_shutdown();
             }
@@ -378,6 +385,16 @@ where
                         Poll::Pending if !graceful && watch.idle(first_idle_wait) => Poll::Ready(None),
                         Poll::Pending => Poll::Pending,
                     }) => match ended_ {
+                        // hyper wrote a 101 and stopped: the socket is the tunnel's (phase::upgrade).
+                        Some(Ok(())) if c.info.has_tunnel() => {
+                            let Some(tunnel) = c.info.take_tunnel() else { return };
+                            let parts = conn.into_parts();
+                            let early = match parts.io.prefix {
+                                Some(rest) => [&parts.read_buf[..], &rest[..]].concat().into(),
+                                None => parts.read_buf,
+                            };
+                            return tunnel.run(parts.io.inner.into_inner(), early).await;
+                        }
                         Some(res) => return ended(res.map_err(Into::into)),
                         None => break,
                     },

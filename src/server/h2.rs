@@ -157,6 +157,8 @@ where
             .initial_stream_window_size(limits.http2_recv_window)
             .initial_connection_window_size(limits.http2_recv_window)
             .max_send_buf_size(limits.http2_send_buffer.min(u32::MAX as usize))
+            // RFC 8441: WebSocket over HTTP/2 (routes decide whether they allow it).
+            .enable_connect_protocol()
             .serve_connection(H2Io { io, shared: Rc::clone(&shared) }, service),
     );
     let mut stopping = *stop.borrow();

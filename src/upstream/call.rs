@@ -12,8 +12,10 @@
 //! peer out. The copy is kept only when a retry could follow: another peer
 //! is left to try, or the connection sat idle for at least [`STALE_RISK`].
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -23,7 +25,7 @@ use super::balancer::{InFlight, Peer, PickInput};
 use super::pool::{Conn, Pool};
 use super::{Timeouts, Upstream};
 use crate::error::ProxyError;
-use crate::phase::body::UpstreamBody;
+use crate::phase::body::{RequestTally, UpstreamBody};
 use crate::phase::lua::LuaBalancer;
 
 /// A response head from a peer, with what the log and the body need.
@@ -102,7 +104,7 @@ pub async fn call(
         };
         let in_flight = peer.stats.start();
         let sent = Instant::now();
-        let read = timeouts.read;
+        let progress = req.body().progress();
         let mut reused = false;
         let mut replay = None;
         let result = match conn {
@@ -116,7 +118,7 @@ pub async fn call(
                     replay = replay_copy(&req);
                 }
                 let sending = h1.sender.try_send_request(req);
-                let result = tokio::time::timeout(read, sending).await;
+                let result = response_head(sending, progress.as_deref(), &timeouts).await;
                 if let Ok(Ok(_)) = &result {
                     pool.checkin_when_ready(peer.addr, h1, upstream.keepalive);
                 }
@@ -128,15 +130,16 @@ pub async fn call(
                     last_err = Some(ProxyError::Upstream { peer: peer.addr, source: e });
                     continue;
                 }
-                tokio::time::timeout(read, sender.try_send_request(req)).await
+                response_head(sender.try_send_request(req), progress.as_deref(), &timeouts).await
             }
         };
         match result {
-            Err(_) => return Err(ProxyError::ReadTimeout { peer: peer.addr, after: read }),
+            Err(Stalled::Read) => return Err(ProxyError::ReadTimeout { peer: peer.addr, after: timeouts.read }),
+            Err(Stalled::Send) => return Err(ProxyError::SendTimeout { peer: peer.addr, after: timeouts.send }),
             Ok(Ok(response)) => {
                 let elapsed = sent.elapsed();
                 peer.stats.observe(elapsed);
-                return Ok(Answer { response, peer: peer.addr, in_flight, elapsed, read_timeout: read });
+                return Ok(Answer { response, peer: peer.addr, in_flight, elapsed, read_timeout: timeouts.read });
             }
             Ok(Err(mut e)) => {
                 if let Some(after) = send_timed_out(e.error()) {
@@ -168,6 +171,53 @@ pub async fn call(
         }
     }
     Err(last_err.unwrap_or(ProxyError::NoPeer { upstream: upstream.name.to_string() }))
+}
+
+/// Which clock ran out while waiting for a response head.
+enum Stalled {
+    Read,
+    Send,
+}
+
+/// Waits for the response head. As nginx's `proxy_read_timeout`, the read
+/// timeout starts once the request has been sent: at once for a body that is
+/// there whole, after its last frame for a streamed one — a slow client's
+/// upload does not count against the upstream. While a streamed body is on
+/// its way, the send timeout bounds how long the upstream leaves a frame
+/// untaken; while the body waits for the client, no clock of the upstream's
+/// runs (`client_body_timeout`, in the body, bounds the client).
+async fn response_head<T>(
+    sending: impl Future<Output = T>,
+    progress: Option<&RequestTally>,
+    timeouts: &Timeouts,
+) -> Result<T, Stalled> {
+    let start = tokio::time::Instant::now();
+    let mut sending = std::pin::pin!(sending);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(start + timeouts.read));
+    let mut armed = Some(start + timeouts.read);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = sending.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        let (at, stalled) = match progress {
+            None => (start + timeouts.read, Stalled::Read),
+            Some(p) => {
+                p.register(cx.waker());
+                match (p.sent.get(), p.handed.get()) {
+                    (Some(sent), _) => (sent + timeouts.read, Stalled::Read),
+                    (None, Some(handed)) => (handed + timeouts.send, Stalled::Send),
+                    (None, None) => return Poll::Pending,
+                }
+            }
+        };
+        if armed != Some(at) {
+            timer.as_mut().reset(at);
+            armed = Some(at);
+        }
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Err(stalled))
+    })
+    .await
 }
 
 /// How long a kept-alive connection sits idle before a request sent on it

@@ -28,10 +28,11 @@ pub enum Protocol {
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect: Duration,
-    /// Longest pause between two request body frames on their way upstream,
-    /// and longest a write to an HTTP/1.1 peer may wait (nginx's `proxy_send_timeout`).
+    /// Longest the upstream leaves a request body frame untaken (nginx's
+    /// `proxy_send_timeout`: between two writes, not for the whole body).
     pub send: Duration,
-    /// Longest wait for response headers, and between two response body frames.
+    /// Longest wait for the response head once the request has been sent
+    /// (nginx's `proxy_read_timeout`), and between two response body frames.
     pub read: Duration,
 }
 

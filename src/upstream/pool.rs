@@ -12,13 +12,15 @@
 //! request waits for one of that peer's connections to come back idle or
 //! close, up to `queue_timeout`, then fails with 503 (gRPC UNAVAILABLE).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -54,7 +56,7 @@ pub enum Conn {
 /// applies (set for each request: a Lua balancer may change it per try).
 pub struct H1Conn {
     pub sender: http1::SendRequest<UpstreamBody>,
-    send_timeout: Rc<Cell<Duration>>,
+    send_timeout: Arc<SendTimeout>,
 }
 
 #[derive(Default)]
@@ -158,8 +160,8 @@ impl Pool {
         let connect_err = |e: hyper::Error| ProxyError::Upstream { peer, source: e };
         match protocol {
             Protocol::Http1 => {
-                let send_timeout = Rc::new(Cell::new(send_timeout));
-                let io = TokioIo::new(SendTimed { stream, send_timeout: Rc::clone(&send_timeout), stalled: None });
+                let send_timeout = Arc::new(SendTimeout::new(send_timeout));
+                let io = TokioIo::new(SendTimed { stream, send_timeout: Arc::clone(&send_timeout), stalled: None });
                 let (sender, conn) = http1::Builder::new()
                     .max_buf_size(UPSTREAM_READ_BUFFER)
                     .handshake(io)
@@ -167,7 +169,8 @@ impl Pool {
                     .map_err(connect_err)?;
                 tokio::task::spawn_local(async move {
                     let _slot = slot;
-                    if let Err(e) = conn.await {
+                    // A 101 hands the socket to the response's upgrade (a WebSocket tunnel).
+                    if let Err(e) = conn.with_upgrades().await {
                         tracing::debug!(%peer, error = %e, "upstream connection ended");
                     }
                 });
@@ -297,6 +300,25 @@ impl Pool {
 #[error("the peer took no request data for {0:?}")]
 pub struct SendTimedOut(pub Duration);
 
+/// The send timeout a connection's socket applies, set per request (a Lua
+/// balancer may change it per try). An atomic, not a `Cell`: a socket that a
+/// 101 hands to a WebSocket tunnel must be `Send`.
+pub struct SendTimeout(AtomicU64);
+
+impl SendTimeout {
+    fn new(d: Duration) -> Self {
+        Self(AtomicU64::new(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+    }
+
+    fn set(&self, d: Duration) {
+        self.0.store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// An upstream HTTP/1.1 socket whose writes time out: once a write finds the
 /// socket full (the peer reads nothing), a timer of the send timeout starts;
 /// a write that goes through stops it; if it fires first, the write fails
@@ -304,7 +326,7 @@ pub struct SendTimedOut(pub Duration);
 /// through at once, so a peer that keeps up costs nothing.
 struct SendTimed {
     stream: TcpStream,
-    send_timeout: Rc<Cell<Duration>>,
+    send_timeout: Arc<SendTimeout>,
     stalled: Option<Pin<Box<Sleep>>>,
 }
 

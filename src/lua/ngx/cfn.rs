@@ -29,12 +29,25 @@ pub fn closure(lua: &Lua, upvalue: impl IntoLua, f: ffi::lua_CFunction) -> mlua:
 /// `state` is the state the C function was called with; `body` keeps the
 /// stack balanced apart from the results it reports.
 pub unsafe fn call(state: *mut ffi::lua_State, body: impl FnOnce() -> Result<c_int, String>) -> c_int {
+    call_where(state, 1, body)
+}
+
+/// [`call`], its error prefixed with the position of the function `level`
+/// calls up (1: the caller).
+///
+/// # Safety
+/// As [`call`].
+pub unsafe fn call_where(
+    state: *mut ffi::lua_State,
+    level: c_int,
+    body: impl FnOnce() -> Result<c_int, String>,
+) -> c_int {
     let results = ceiling::lifted_c(state, || match body() {
         Ok(n) => Some(n),
         Err(msg) => {
             // SAFETY: the ceiling is lifted; three slots are free (a C function has 20).
             unsafe {
-                ffi::luaL_where(state, 1);
+                ffi::luaL_where(state, level);
                 push(state, msg.as_bytes());
                 ffi::lua_concat(state, 2);
             }

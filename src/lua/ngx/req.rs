@@ -34,6 +34,47 @@ pub const METHODS: [(&str, i64); 15] = [
     ("TRACE", 32768),
 ];
 
+/// Why `read_body` could not read the body.
+enum BodyFault {
+    TooLarge,
+    TimedOut,
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The whole request body, at most `limit` bytes (0 = no limit), each frame within `timeout`.
+async fn read_whole(
+    mut incoming: hyper::body::Incoming,
+    limit: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, BodyFault> {
+    // A body of one frame (the usual case) is kept as it came, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut more = bytes::BytesMut::new();
+    let mut len = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(timeout, incoming.frame()).await {
+            Err(_) => return Err(BodyFault::TimedOut),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BodyFault::Failed(e.into())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        len += data.len() as u64;
+        if limit > 0 && len > limit {
+            return Err(BodyFault::TooLarge);
+        }
+        match first.take() {
+            None if more.is_empty() => first = Some(data),
+            None => more.extend_from_slice(&data),
+            Some(f) => {
+                more.extend_from_slice(&f);
+                more.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| more.freeze()))
+}
+
 pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     let req = lua.create_table()?;
     req.set("get_headers", cfn::closure(lua, headers_metatable(lua)?, get_headers)?)?;
@@ -113,24 +154,29 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     req.set(
         "read_body",
         crate::lua::coroutine::async_function(lua, |_, ()| async move {
-            let (incoming, limit) = request::with("ngx.req.read_body", |r| (r.incoming.take(), r.body_limit))?;
+            let (incoming, limit, timeout) =
+                request::with("ngx.req.read_body", |r| (r.incoming.take(), r.body_limit, r.body_timeout))?;
             let Some(incoming) = incoming else { return Ok(()) };
-            let collected = if limit > 0 {
-                http_body_util::Limited::new(incoming, limit as usize).collect().await.map(|c| c.to_bytes())
-            } else {
-                incoming.collect().await.map(|c| c.to_bytes()).map_err(Into::into)
-            };
-            let body = match collected {
+            // As nginx, each piece of the body must come within client_body_timeout; a body
+            // over client_max_body_size is 413, one that times out 408, a malformed one 400:
+            // the request ends with that status, as lua-nginx-module finalizes it.
+            let body = match read_whole(incoming, limit, timeout).await {
                 Ok(b) => b,
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    // As nginx: a body over client_max_body_size ends the request with 413.
+                Err(fault) => {
+                    let (status, msg) = match fault {
+                        BodyFault::TooLarge => (413, "request body too large".to_string()),
+                        BodyFault::TimedOut => (408, "client body read timed out".to_string()),
+                        BodyFault::Failed(e) if crate::error::client_went_away(&*e) => {
+                            (499, format!("failed to read request body: {e}"))
+                        }
+                        BodyFault::Failed(e) => (400, format!("malformed request body: {e}")),
+                    };
                     request::with("ngx.req.read_body", |r| {
-                        r.exit = Some(413);
-                        r.resp.status = 413;
+                        r.exit = Some(status);
+                        r.resp.status = status as u16;
                     })?;
-                    return Err(mlua::Error::RuntimeError("request body too large".into()));
+                    return Err(mlua::Error::RuntimeError(msg));
                 }
-                Err(e) => return Err(mlua::Error::RuntimeError(format!("failed to read request body: {e}"))),
             };
             request::with("ngx.req.read_body", |r| {
                 r.body = Some(body);
@@ -264,7 +310,7 @@ unsafe extern "C-unwind" fn set_header(state: *mut ffi::lua_State) -> c_int {
     if !simple {
         return cfn::delegate(state);
     }
-    resp::set_string_header(state, 1, "ngx.req.set_header", |r| &mut r.parts.headers)
+    resp::set_string_header(state, 1, "ngx.req.set_header", |r, _| &mut r.parts.headers)
 }
 
 /// get_headers' metatable: case-insensitive lookup with `_` as `-`, as OpenResty's.

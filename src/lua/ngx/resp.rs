@@ -159,7 +159,7 @@ async fn flush(wait: bool) -> mlua::Result<(Option<i64>, Option<&'static str>)> 
 
 /// True while an `ngx.exit` of the current request unwinds (pcall must re-raise).
 pub fn exiting() -> bool {
-    request::current().is_some_and(|r| r.try_borrow().is_ok_and(|r| r.exit.is_some()))
+    request::current().is_some_and(|r| r.try_borrow().is_ok_and(|r| r.exit.is_some() && r.phase != Phase::HeaderFilter))
 }
 
 /// Append a say/print argument the way lua-nginx-module does: strings,
@@ -272,7 +272,15 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
     ngx.set(
         "exit",
         lua.create_function(|_, code: i64| -> mlua::Result<()> {
-            request::with("ngx.exit", |r| {
+            let unwinds = request::with("ngx.exit", |r| {
+                // As lua-nginx-module: a filter of the body or the log cannot end the request
+                // (raised, the error aborts a body_filter's response).
+                if matches!(r.phase, Phase::BodyFilter | Phase::Log) {
+                    return Err(mlua::Error::RuntimeError(format!(
+                        "API disabled in the context of {}_by_lua*",
+                        r.phase.name()
+                    )));
+                }
                 if r.resp.headers_sent
                     && r.phase != Phase::HeaderFilter
                     && code >= 300
@@ -286,11 +294,21 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     );
                 }
                 r.exit = Some(code);
+                if r.phase == Phase::HeaderFilter {
+                    // As lua-nginx-module: in header_filter the exit is noted and the
+                    // script goes on; the pipeline applies it when the filter ends.
+                    return Ok(false);
+                }
                 if code >= 200 && r.resp.status == 0 {
                     r.resp.status = code as u16;
                 }
-            })?;
-            Err(mlua::Error::external(ExitError))
+                Ok(true)
+            })??;
+            if unwinds {
+                Err(mlua::Error::external(ExitError))
+            } else {
+                Ok(())
+            }
         })?,
     )?;
     ngx.set(
@@ -309,6 +327,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
                     ));
                 }
                 r.resp.headers.insert(http::header::LOCATION, loc);
+                note_filter_set(r, &http::header::LOCATION);
                 r.resp.status = status as u16;
                 r.exit = Some(status);
                 Ok(())
@@ -348,6 +367,7 @@ pub fn register(lua: &Lua, ngx: &Table) -> mlua::Result<()> {
             for v in values {
                 r.resp.headers.append(name.clone(), v);
             }
+            note_filter_set(r, &name);
             Ok(())
         })?
     })?;
@@ -372,7 +392,17 @@ unsafe extern "C-unwind" fn set_header(state: *mut ffi::lua_State) -> c_int {
     if !simple {
         return cfn::delegate(state);
     }
-    set_string_header(state, 2, "ngx.header", |r| &mut r.resp.headers)
+    set_string_header(state, 2, "ngx.header", |r, name| {
+        note_filter_set(r, name);
+        &mut r.resp.headers
+    })
+}
+
+/// Remembers a header header_filter set (see `LuaResponse::filter_set`).
+fn note_filter_set(r: &mut LuaRequest, name: &http::HeaderName) {
+    if r.phase == Phase::HeaderFilter && !r.resp.filter_set.contains(name) {
+        r.resp.filter_set.push(name.clone());
+    }
 }
 
 /// Sets the header named by the string at stack slot `at` to the string at
@@ -385,7 +415,7 @@ pub(super) unsafe fn set_string_header(
     state: *mut ffi::lua_State,
     at: c_int,
     api: &str,
-    which: impl FnOnce(&mut LuaRequest) -> &mut http::HeaderMap,
+    which: impl for<'a> FnOnce(&'a mut LuaRequest, &http::HeaderName) -> &'a mut http::HeaderMap,
 ) -> c_int {
     cfn::call(state, || {
         // The callers checked both are strings.
@@ -395,7 +425,7 @@ pub(super) unsafe fn set_string_header(
         let req = request::current().ok_or_else(|| request::outside_message(api))?;
         let mut r = req.try_borrow_mut().map_err(|_| format!("{api}: request busy"))?;
         // `insert` replaces every value the header had.
-        which(&mut r).insert(name, value);
+        which(&mut r, &name).insert(name, value);
         Ok(0)
     })
 }

@@ -241,7 +241,7 @@ fn hex(data: &[u8]) -> Vec<u8> {
 
 const BASE64_CHARS: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-fn encode_base64(src: &[u8], no_padding: bool) -> Vec<u8> {
+pub(crate) fn encode_base64(src: &[u8], no_padding: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(src.len().div_ceil(3) * 4);
     for chunk in src.chunks(3) {
         let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];

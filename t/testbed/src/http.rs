@@ -1,7 +1,8 @@
 //! The HTTP echo service: reports what it received as JSON and offers a few paths
 //! that produce specific wire behaviour (status codes, delays, sized or chunked
 //! bodies, streaming echo, slow bodies, trailers, connection close, arbitrary
-//! response headers) for exercising a proxy against a real hyper server.
+//! response headers, a WebSocket handshake that echoes raw bytes) for
+//! exercising a proxy against a real hyper server.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -123,6 +124,7 @@ async fn handle(name: &str, req: Request<Incoming>) -> Response<RespBody> {
             h.insert("trailer", HeaderValue::from_static("x-trailer"));
             resp
         }
+        "ws" => websocket(req),
         "close" => {
             let mut resp = describe(name, req, StatusCode::OK).await;
             resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -167,6 +169,64 @@ async fn handle(name: &str, req: Request<Incoming>) -> Response<RespBody> {
             describe(name, req, status).await
         }
     }
+}
+
+/// `/ws`: a WebSocket handshake (101 with `Sec-WebSocket-Accept` for the
+/// request's key, the request's `Sec-WebSocket-Version`/`-Protocol` and key
+/// echoed in `x-seen-*`), after which every byte received is sent back as it
+/// is — frames are not parsed: enough to see a proxy relay both ways. It
+/// answers 101 even to a request that did not ask to upgrade (a sloppy peer).
+fn websocket(mut req: Request<Incoming>) -> Response<RespBody> {
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(key) = &key {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+        ctx.update(key.as_bytes());
+        ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        if let Ok(v) = HeaderValue::from_str(&base64(ctx.finish().as_ref())) {
+            h.insert("sec-websocket-accept", v);
+        }
+        h.insert("x-seen-key", key.clone());
+    }
+    for (name, seen) in [("sec-websocket-version", "x-seen-version"), ("sec-websocket-protocol", "x-seen-protocol")] {
+        if let Some(v) = req.headers().get(name).cloned() {
+            h.insert(seen, v);
+        }
+    }
+    if let Some(p) = req.headers().get("sec-websocket-protocol").cloned() {
+        h.insert("sec-websocket-protocol", p);
+    }
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on.await else { return };
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut buf = vec![0u8; 16 * 1024];
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = io.shutdown().await;
+    });
+    resp
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const CHARS: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            out.push(if i <= chunk.len() { CHARS[(n >> shift & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
 }
 
 /// The default answer: a JSON description of the request (its body is read fully).

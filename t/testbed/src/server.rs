@@ -91,7 +91,8 @@ where
         let builder = builder.clone();
         let svc = svc.clone();
         conns.spawn(async move {
-            let _ = builder.serve_connection(io, svc).await;
+            // With upgrades: `/ws` switches to a byte echo.
+            let _ = builder.serve_connection_with_upgrades(io, svc).await;
         });
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod observe;
 pub mod phase;
 pub mod protocol;

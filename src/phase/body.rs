@@ -132,6 +132,10 @@ impl RequestStream {
                     }
                     if let Some(tee) = &mut self.tee {
                         tee.data(data);
+                        // hyper stops polling once the body says it ended: the copy is whole now.
+                        if self.inner.is_end_stream() {
+                            tee.end();
+                        }
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

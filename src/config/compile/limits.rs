@@ -46,6 +46,8 @@ impl Compiler {
             match size {
                 Ok(n) if n >= MIN_SIZE as u64 => {
                     ctx.zones.insert(name.clone(), n as usize);
+                    // Lua limiters find declared zones by name, used by a route or not.
+                    zone::registry(name, n as usize);
                 }
                 Ok(_) => self.err(&key, format!("a limit zone needs at least {}k", MIN_SIZE >> 10)),
                 Err(e) => self.err(&key, e),

@@ -27,6 +27,9 @@ pub fn now_us() -> u64 {
     u64::try_from(START.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Most limits of each kind a route may have.
+pub const MAX_LIMITS: usize = 16;
+
 /// A rate as nginx writes it (`10r/s`, `600r/m`), in milli-requests per second.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let bad = || format!("invalid rate {s:?} (use N r/s or N r/m, e.g. 10r/s)");

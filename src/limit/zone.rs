@@ -163,7 +163,7 @@ impl Zone {
         let hasher = Hasher::default();
         let capacity = (size / SHARDS).max(ENTRY_OVERHEAD * 4);
         let shards = (0..SHARDS)
-            .map(|_| Mutex::new(Shard { map: LinkedHashMap::with_hasher(hasher.clone()), used: 0, capacity }))
+            .map(|_| Mutex::new(Shard { map: LinkedHashMap::with_hasher(hasher), used: 0, capacity }))
             .collect();
         Self { name: Arc::from(name), size, hasher, shards }
     }

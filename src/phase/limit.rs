@@ -99,19 +99,25 @@ fn milli(v: u64) -> String {
 pub fn decide(limits: &RouteLimits, src: &KeySource<'_>, route: &str) -> Decision {
     let now = crate::limit::now_us();
     let mut pending = Pending { client: Some(src.client), ..Pending::default() };
-    let locals: Vec<usize> = (0..limits.req.len()).filter(|&i| limits.req[i].cluster.is_none()).collect();
-    let mut checked: Vec<(usize, ReqDecision)> = Vec::with_capacity(locals.len());
-    // Every local limit but the last is only checked; the last one counts at once if it admits.
-    for (n, &i) in locals.iter().enumerate() {
-        let l = &limits.req[i];
-        let last = n + 1 == locals.len();
+    // Every local limit but the last is only checked; the last one counts at once if it admits
+    // (nginx's order). No allocation: `admitted` marks the limits checked so far (a route has
+    // at most `limit::MAX_LIMITS`).
+    let last = limits.req.iter().rposition(|l| l.cluster.is_none());
+    let mut admitted: u32 = 0;
+    for (i, l) in limits.req.iter().enumerate().filter(|(_, l)| l.cluster.is_none()) {
+        let commit = Some(i) == last;
         let verdict = src.with_key(&l.key, |key| {
             let key = key.filter(|k| !k.is_empty())?;
-            Some(l.zone.req(key, l.bucket, last, now))
+            Some(l.zone.req(key, l.bucket, commit, now))
         });
         match verdict {
             None => {}
-            Some(Ok(d)) if d.admitted => checked.push((i, d)),
+            Some(Ok(d)) if d.admitted => {
+                admitted |= 1 << i;
+                if commit {
+                    pending.delay_us = pending.delay_us.max(delay_us(l, d.excess));
+                }
+            }
             Some(Ok(d)) if l.dry_run => {
                 tracing::info!(target: "limit", route, zone = %l.zone.name, client = %src.client,
                     "limiting requests, dry run, excess: {} by zone {:?}", milli(d.excess), &*l.zone.name);
@@ -128,17 +134,14 @@ pub fn decide(limits: &RouteLimits, src: &KeySource<'_>, route: &str) -> Decisio
         }
     }
     // None rejected: count the request in the limits only checked so far.
-    let last = locals.last().copied();
-    for (i, d) in &mut checked {
-        let l = &limits.req[*i];
-        if Some(*i) != last {
-            if let Some(Ok(now_d)) =
-                src.with_key(&l.key, |k| k.filter(|k| !k.is_empty()).map(|k| l.zone.req(k, l.bucket, true, now)))
-            {
-                *d = ReqDecision { admitted: true, excess: now_d.excess };
-            }
+    for (i, l) in limits.req.iter().enumerate() {
+        if admitted & (1 << i) == 0 || Some(i) == last {
+            continue;
         }
-        pending.delay_us = pending.delay_us.max(delay_us(l, d.excess));
+        let counted = src.with_key(&l.key, |k| k.filter(|k| !k.is_empty()).map(|k| l.zone.req(k, l.bucket, true, now)));
+        if let Some(Ok(d)) = counted {
+            pending.delay_us = pending.delay_us.max(delay_us(l, d.excess));
+        }
     }
     if pending.delay_us > 0 {
         tracing::info!(target: "limit", route, client = %src.client, "delaying request for {}ms", pending.delay_us / 1000);

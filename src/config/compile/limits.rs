@@ -214,6 +214,9 @@ impl Compiler {
             Some(RateLimits::Many(v)) => v.iter().collect(),
         };
         let many = matches!(rate, Some(RateLimits::Many(_)));
+        if rates.len() > crate::limit::MAX_LIMITS {
+            self.err(format!("{key}.rate_limit"), format!("at most {} rate limits", crate::limit::MAX_LIMITS));
+        }
         for (j, l) in rates.into_iter().enumerate() {
             let lkey = if many { format!("{key}.rate_limit[{j}]") } else { format!("{key}.rate_limit") };
             if let Some(l) = self.rate_limit(ctx, &lkey, l, format!("{route_name}/rate_limit[{j}]"), cfg) {
@@ -226,6 +229,12 @@ impl Compiler {
             Some(ConcurrencyLimits::Many(v)) => v.iter().collect(),
         };
         let many = matches!(conn, Some(ConcurrencyLimits::Many(_)));
+        if conns.len() > crate::limit::MAX_LIMITS {
+            self.err(
+                format!("{key}.concurrency_limit"),
+                format!("at most {} concurrency limits", crate::limit::MAX_LIMITS),
+            );
+        }
         for (j, l) in conns.into_iter().enumerate() {
             let lkey = if many { format!("{key}.concurrency_limit[{j}]") } else { format!("{key}.concurrency_limit") };
             if l.max == 0 {

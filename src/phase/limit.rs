@@ -43,9 +43,14 @@ impl KeySource<'_> {
         match var {
             Variable::RemoteAddr => {
                 let mut buf = [0u8; 48];
-                let mut w = &mut buf[..];
-                let _ = write!(w, "{}", self.client);
-                let n = 48 - w.len();
+                let n = match self.client {
+                    IpAddr::V4(a) => dotted(a.octets(), &mut buf),
+                    IpAddr::V6(a) => {
+                        let mut w = &mut buf[..];
+                        let _ = write!(w, "{a}");
+                        48 - w.len()
+                    }
+                };
                 f(Some(&buf[..n]))
             }
             Variable::BinaryRemoteAddr => match self.client {
@@ -60,6 +65,28 @@ impl KeySource<'_> {
             other => f(other.eval(self.parts, self.client).as_deref()),
         }
     }
+}
+
+/// An IPv4 address as text into `buf` (what `Display` writes, without the formatting machinery).
+fn dotted(octets: [u8; 4], buf: &mut [u8; 48]) -> usize {
+    let mut n = 0;
+    for (i, o) in octets.into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if o >= 100 {
+            buf[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            buf[n] = b'0' + o / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + o % 10;
+        n += 1;
+    }
+    n
 }
 
 /// What the synchronous part decided.
@@ -312,6 +339,16 @@ mod tests {
 
     fn src(p: &Parts) -> KeySource<'_> {
         KeySource { parts: p, client: "10.0.0.1".parse().unwrap(), vars: None, declared: &[] }
+    }
+
+    #[test]
+    fn addresses_as_keys_read_as_nginx_prints_them() {
+        let p = parts();
+        for ip in ["10.0.0.1", "192.168.100.255", "0.0.0.0", "::1", "2001:db8::7"] {
+            let src = KeySource { parts: &p, client: ip.parse().unwrap(), vars: None, declared: &[] };
+            let got = src.with_key(&Variable::RemoteAddr, |k| k.map(<[u8]>::to_vec));
+            assert_eq!(got.as_deref(), Some(ip.as_bytes()));
+        }
     }
 
     #[test]

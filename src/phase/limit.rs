@@ -241,7 +241,7 @@ pub async fn complete(
         Decision::Pass(p) => p,
         Decision::Reject(r) => return Err(reject_response(&r, is_grpc, log.take())),
     };
-    let client = pending.client.map(|c| c.to_string()).unwrap_or_default();
+    let client = pending.client.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     for (i, key) in std::mem::take(&mut pending.cluster) {
         let l = &limits.req[i];
         let Some(cluster) = &l.cluster else { continue };
@@ -273,10 +273,10 @@ pub async fn complete(
         if d.admitted {
             pending.delay_us = pending.delay_us.max(delay_us(l, d.excess));
         } else if l.dry_run {
-            tracing::info!(target: "limit", route, zone = %l.zone.name, client,
+            tracing::info!(target: "limit", route, zone = %l.zone.name, client = %client,
                 "limiting requests, dry run, excess: {} by zone {:?}", milli(d.excess), &*l.zone.name);
         } else {
-            tracing::warn!(target: "limit", route, zone = %l.zone.name, client,
+            tracing::warn!(target: "limit", route, zone = %l.zone.name, client = %client,
                 "limiting requests, excess: {} by zone {:?}", milli(d.excess), &*l.zone.name);
             return Err(reject_response(&rejected(l, Some(l.bucket.wait_us(d.excess))), is_grpc, log.take()));
         }

@@ -258,8 +258,41 @@ fn futures_executor<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
+/// The preaccess phase with one local rate limit keyed by the client address
+/// (the common `limit_req zone=... ` setup), the request admitted: key
+/// formatting, one shard lock, one map lookup. 1000 client addresses.
+fn bench_rate_limit(c: &mut Criterion) {
+    use luagate::limit::{Bucket, ReqLimit, RouteLimits, Zone, ONE};
+    use luagate::phase::limit::{decide, Decision, KeySource};
+    use luagate::phase::variable::Variable;
+    let zone = Arc::new(Zone::new("bench", 10 << 20));
+    let limits = RouteLimits {
+        req: vec![ReqLimit {
+            zone,
+            key: Variable::parse("$remote_addr").expect("var"),
+            bucket: Bucket { rate: 1_000_000 * ONE, burst: 100 * ONE },
+            delay: 100 * ONE,
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            dry_run: false,
+            cluster: None,
+        }],
+        conn: vec![],
+    };
+    let parts = http::Request::builder().uri("/api").body(()).expect("req").into_parts().0;
+    let clients: Vec<IpAddr> = (0..1000u32).map(|i| IpAddr::from((0x0a00_0000u32 + i).to_be_bytes())).collect();
+    let mut i = 0;
+    c.bench_function("rate_limit_local_one_limit_admitted", |b| {
+        b.iter(|| {
+            i = (i + 1) % clients.len();
+            let src = KeySource { parts: &parts, client: clients[i], vars: None, declared: &[] };
+            black_box(matches!(decide(&limits, &src, "bench"), Decision::Pass(_)))
+        })
+    });
+}
+
 criterion_group!(
     hot_paths,
+    bench_rate_limit,
     bench_uri_normalize,
     bench_route_match,
     bench_balancer,

@@ -22,6 +22,8 @@ use crate::route::{HeaderMatch, HostPattern, PathMatch, RouteMatch, RouteTable};
 use crate::upstream::balancer::{Balancer, Peer, Policy};
 use crate::upstream::{peer_stats, ConnLimit, Keepalive, Protocol, Timeouts, Upstream};
 
+mod limits;
+
 /// Errors as (key path, message).
 pub type Errors = Vec<(String, String)>;
 
@@ -103,11 +105,12 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
         .iter()
         .filter_map(|(name, u)| c.upstream(name, u, defaults).map(|u| (name.clone(), Arc::new(u))))
         .collect();
+    let mut limit_ctx = c.limit_ctx(&cfg);
     let mut routes = Vec::new();
     let mut matchers = Vec::new();
     for (i, r) in cfg.routes.iter().enumerate() {
         if let Some((route, matcher)) =
-            c.route(i, r, &upstreams, &listener_names, &cfg, limits.client_max_body_size, &checker)
+            c.route(i, r, &upstreams, &listener_names, &cfg, limits.client_max_body_size, &checker, &mut limit_ctx)
         {
             routes.push(Arc::new(route));
             matchers.push(matcher);
@@ -404,6 +407,7 @@ impl Compiler {
         cfg: &FileConfig,
         default_body_limit: u64,
         checker: &mlua::Lua,
+        limit_ctx: &mut limits::LimitCtx,
     ) -> Option<(Route, RouteMatch)> {
         let key = format!("routes[{i}]");
         let m = &r.matches;
@@ -557,9 +561,16 @@ impl Compiler {
         if websocket && !matches!(&action, Some(Action::Proxy(u)) if u.protocol == Protocol::Http1) {
             self.err(format!("{key}.websocket"), "WebSocket needs an upstream speaking http1");
         }
+        let name = r.name.clone().unwrap_or_else(|| key.clone());
+        let route_limits =
+            self.route_limits(limit_ctx, &key, &name, r.rate_limit.as_ref(), r.concurrency_limit.as_ref(), cfg);
+        let mirror = self.mirror(&key, r.mirror.as_ref(), upstreams, cfg);
+        if mirror.is_some() && !matches!(action, Some(Action::Proxy(_))) {
+            self.err(format!("{key}.mirror"), "mirror applies to routes with an upstream");
+        }
         Some((
             Route {
-                name: Arc::from(r.name.clone().unwrap_or(key)),
+                name: Arc::from(name),
                 action: action?,
                 host_header,
                 timeout,
@@ -567,6 +578,8 @@ impl Compiler {
                 tries: tries.max(1),
                 websocket,
                 lua,
+                limits: route_limits,
+                mirror,
             },
             matcher,
         ))

@@ -39,6 +39,90 @@ pub struct FileConfig {
     pub routes: Vec<RouteCfg>,
     #[serde(default)]
     pub lua: LuaCfg,
+    /// Named limit zones (nginx's `limit_req_zone` / `limit_conn_zone`): NAME: SIZE or NAME: { size }.
+    #[serde(default)]
+    pub limit_zones: BTreeMap<String, ZoneCfg>,
+    /// The Redis that cluster-wide rate limits share.
+    #[serde(default)]
+    pub redis: Option<RedisCfg>,
+}
+
+/// A limit zone: its size (`10m`), or `{ size: 10m }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ZoneCfg {
+    Size(Scalar),
+    Full(ZoneFullCfg),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneFullCfg {
+    pub size: Scalar,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisCfg {
+    pub addr: String,
+    pub timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub retry: Option<String>,
+    pub password: Option<String>,
+    pub db: Option<u32>,
+    pub prefix: Option<String>,
+}
+
+/// `rate_limit` of a route: one limit or a list (nginx allows several `limit_req`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RateLimits {
+    One(RateLimitCfg),
+    Many(Vec<RateLimitCfg>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitCfg {
+    pub rate: String,
+    pub key: Option<String>,
+    pub burst: Option<u64>,
+    pub nodelay: Option<bool>,
+    pub delay: Option<u64>,
+    pub status: Option<u16>,
+    pub dry_run: Option<bool>,
+    pub zone: Option<String>,
+    pub cluster: Option<bool>,
+    pub on_error: Option<String>,
+}
+
+/// `concurrency_limit` of a route: one limit or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ConcurrencyLimits {
+    One(ConcurrencyCfg),
+    Many(Vec<ConcurrencyCfg>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyCfg {
+    pub max: u64,
+    pub key: Option<String>,
+    pub status: Option<u16>,
+    pub dry_run: Option<bool>,
+    pub zone: Option<String>,
+}
+
+/// `mirror` of a route: a sampled copy of requests to a shadow upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorCfg {
+    pub upstream: String,
+    pub percent: Option<f64>,
+    pub body_limit: Option<Scalar>,
+    pub max_in_flight: Option<usize>,
+    pub timeout: Option<String>,
 }
 
 /// Global Lua settings (`lua:`).
@@ -203,6 +287,9 @@ pub struct RouteCfg {
     pub retry: Option<RetryCfg>,
     pub websocket: Option<bool>,
     pub lua: Option<RouteLuaCfg>,
+    pub rate_limit: Option<RateLimits>,
+    pub concurrency_limit: Option<ConcurrencyLimits>,
+    pub mirror: Option<MirrorCfg>,
 }
 
 #[derive(Debug, Default, Deserialize)]

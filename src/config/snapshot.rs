@@ -131,6 +131,10 @@ pub struct Route {
     pub websocket: bool,
     /// Phase scripts, if the route has any.
     pub lua: Option<Arc<crate::lua::RouteLua>>,
+    /// Rate and concurrency limits (the preaccess phase, `phase::limit`).
+    pub limits: Option<Box<crate::limit::RouteLimits>>,
+    /// A shadow upstream that gets a copy of sampled requests.
+    pub mirror: Option<Arc<crate::upstream::mirror::Mirror>>,
 }
 
 pub enum Action {

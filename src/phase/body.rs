@@ -73,12 +73,19 @@ pub struct RequestStream {
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     tally: Rc<RequestTally>,
+    /// A mirror's copy of the body (`upstream::mirror`).
+    tee: Option<crate::upstream::mirror::Tee>,
 }
 
 impl RequestStream {
     /// `limit` 0 = none; `idle` = longest wait for the client's next frame (`client_body_timeout`).
     pub fn new(inner: Incoming, limit: u64, idle: Duration, tally: Rc<RequestTally>) -> Self {
-        Self { inner, limit, idle, timer: None, tally }
+        Self { inner, limit, idle, timer: None, tally, tee: None }
+    }
+
+    /// Copy the body into `tee` as it streams.
+    pub fn set_tee(&mut self, tee: crate::upstream::mirror::Tee) {
+        self.tee = Some(tee);
     }
 }
 
@@ -154,7 +161,15 @@ impl RequestStream {
                     self.tally.bytes.set(total);
                     if self.limit > 0 && total > self.limit {
                         self.tally.limit_hit.set(true);
+                        self.tee = None;
                         return Poll::Ready(Some(Err(BodyError::TooLarge(self.limit).into())));
+                    }
+                    if let Some(tee) = &mut self.tee {
+                        tee.data(data);
+                        // hyper stops polling once the body says it ended: the copy is whole now.
+                        if self.inner.is_end_stream() {
+                            tee.end();
+                        }
                     }
                 }
                 // hyper polls no further once the body says it has ended.
@@ -169,11 +184,15 @@ impl RequestStream {
             }
             Poll::Ready(Some(Err(e))) => {
                 self.tally.client_failed.set(Some(crate::error::client_went_away(&e)));
+                self.tee = None;
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
                 self.tally.sent.set(Some(Instant::now()));
                 self.tally.moved();
+                if let Some(mut tee) = self.tee.take() {
+                    tee.end();
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -210,6 +229,8 @@ pub struct ResponseBody {
     /// The Lua phase writing this body, still running: the log phase waits for its end.
     writer: Option<tokio::task::JoinHandle<()>>,
     _in_flight: Option<InFlight>,
+    /// Kept until the body ends or is dropped (a request's concurrency slots, `phase::limit`).
+    _held: Option<Box<dyn std::any::Any>>,
 }
 
 pub type PhaseFuture = Pin<Box<dyn Future<Output = Outcome>>>;
@@ -285,6 +306,7 @@ impl ResponseBody {
             lua: None,
             writer: None,
             _in_flight: None,
+            _held: None,
         }
     }
 
@@ -314,7 +336,14 @@ impl ResponseBody {
             lua: None,
             writer: None,
             _in_flight: Some(in_flight),
+            _held: None,
         }
+    }
+
+    /// Keep `held` until the body ends or is dropped.
+    pub fn hold(mut self, held: Box<dyn std::any::Any>) -> Self {
+        self._held = Some(held);
+        self
     }
 
     /// The status the log line reports (after header_filter changed it).

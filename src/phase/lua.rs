@@ -91,19 +91,28 @@ impl LuaCtx {
 
     /// rewrite, then access: either may answer the request.
     pub async fn request_phases(&self, log: &mut Option<LogRecord>) -> Flow {
-        for (phase, script) in [(Phase::Rewrite, &self.scripts.rewrite), (Phase::Access, &self.scripts.access)] {
-            let Some(script) = script else { continue };
-            match self.answering(phase, script, log).await {
-                // Headers sent: the request is answered, whatever the phase returned (as lua-nginx-module).
-                Ran::Answered(resp) => return Flow::Respond(resp),
-                Ran::Done(Outcome::Continue) => {}
-                Ran::Done(Outcome::Exit(code)) => return Flow::Respond(Box::new(self.exit_response(code, log.take()))),
-                Ran::Done(Outcome::Error(msg)) => {
-                    return Flow::Respond(Box::new(respond::error(&ProxyError::Lua(msg), self.is_grpc, log.take())))
-                }
+        match self.request_phase(Phase::Rewrite, log).await {
+            Flow::Continue => self.request_phase(Phase::Access, log).await,
+            answered => answered,
+        }
+    }
+
+    /// The rewrite or the access phase (the route's limits run between them, as nginx's preaccess).
+    pub async fn request_phase(&self, phase: Phase, log: &mut Option<LogRecord>) -> Flow {
+        let script = match phase {
+            Phase::Rewrite => &self.scripts.rewrite,
+            _ => &self.scripts.access,
+        };
+        let Some(script) = script else { return Flow::Continue };
+        match self.answering(phase, script, log).await {
+            // Headers sent: the request is answered, whatever the phase returned (as lua-nginx-module).
+            Ran::Answered(resp) => Flow::Respond(resp),
+            Ran::Done(Outcome::Continue) => Flow::Continue,
+            Ran::Done(Outcome::Exit(code)) => Flow::Respond(Box::new(self.exit_response(code, log.take()))),
+            Ran::Done(Outcome::Error(msg)) => {
+                Flow::Respond(Box::new(respond::error(&ProxyError::Lua(msg), self.is_grpc, log.take())))
             }
         }
-        Flow::Continue
     }
 
     /// The content phase answers instead of an upstream.

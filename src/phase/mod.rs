@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod limit;
 pub mod lua;
 pub mod pipeline;
 pub mod respond;

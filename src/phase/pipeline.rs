@@ -29,10 +29,11 @@ use tokio::time::Instant;
 use super::body::{self, RequestStream, RequestTally, ResponseBody, UpstreamBody};
 use super::lua::{ClientBody, Flow, LuaBalancer, LuaCtx};
 use super::upgrade::{self, Ask, Tunnel};
-use super::{headers, respond};
+use super::{headers, limit, respond};
 use crate::config::snapshot::{Action, Listener, Route};
 use crate::config::Snapshot;
 use crate::error::ProxyError;
+use crate::lua::Phase;
 use crate::observe::access_log::LogRecord;
 use crate::observe::trace::TraceContext;
 use crate::protocol::{grpc, uri};
@@ -172,13 +173,27 @@ pub async fn handle(
                 Err(e) => return Ok(respond::error(&ProxyError::BadRequest(e.to_string()), is_grpc, guard.0.take())),
             }
         }
-        return Ok(match &route.action {
+        // preaccess: the route's rate and concurrency limits (`phase::limit`).
+        let held = match &route.limits {
+            None => None,
+            Some(limits) => {
+                let client = headers::real_client_ip(&parts.headers, conn.client.ip(), |ip| snap.is_trusted(ip));
+                let src = limit::KeySource { parts: &parts, client, vars: None, declared: &snap.lua.variables };
+                let decision = limit::decide(limits, &src, &route.name);
+                match limit::complete(limits, decision, &route.name, is_grpc, &mut guard.0).await {
+                    Ok(held) => held,
+                    Err(resp) => return Ok(resp),
+                }
+            }
+        };
+        let resp = match &route.action {
             Action::Proxy(upstream) => {
                 let ctx = Proxy { snap: &snap, conn: &conn, worker: &worker, route: &route, upstream, is_grpc, trace };
                 ctx.run(parts, ClientBody::Stream(body), None, &mut guard).await.0
             }
             action => answer(action, guard.0.take()),
-        });
+        };
+        return Ok(hold(resp, held));
     }
     let lua = match LuaCtx::start(&snap, &route, parts, body, &conn, is_grpc, started) {
         Ok(l) => l,
@@ -193,7 +208,25 @@ pub async fn handle(
     if !lua.runtime.is_ready() {
         lua.runtime.ready().await;
     }
-    let (resp, upstream) = match lua.request_phases(&mut guard.0).await {
+    let mut held = None;
+    let mut flow = lua.request_phase(Phase::Rewrite, &mut guard.0).await;
+    if let (Flow::Continue, Some(limits)) = (&flow, &route.limits) {
+        // preaccess, between rewrite and access as in nginx: a key may be a variable rewrite set.
+        let decision = {
+            let r = lua.req.borrow();
+            let client = headers::real_client_ip(&r.parts.headers, conn.client.ip(), |ip| snap.is_trusted(ip));
+            let src = limit::KeySource { parts: &r.parts, client, vars: Some(&r.vars), declared: &snap.lua.variables };
+            limit::decide(limits, &src, &route.name)
+        };
+        match limit::complete(limits, decision, &route.name, is_grpc, &mut guard.0).await {
+            Ok(h) => held = h,
+            Err(resp) => flow = Flow::Respond(Box::new(resp)),
+        }
+    }
+    if let Flow::Continue = flow {
+        flow = lua.request_phase(Phase::Access, &mut guard.0).await;
+    }
+    let (resp, upstream) = match flow {
         Flow::Respond(resp) => (*resp, None),
         Flow::Continue => match &route.action {
             Action::Content => (lua.content(guard.0.take()).await, None),
@@ -211,7 +244,7 @@ pub async fn handle(
         // header_filter answered otherwise: no tunnel (its peer connection closes).
         drop(conn.take_tunnel());
     }
-    Ok(resp)
+    Ok(hold(resp, held))
 }
 
 /// What luagate refuses before routing, as nginx does: a method that is not
@@ -243,6 +276,14 @@ fn closing(mut resp: Response<ResponseBody>, version: Version) -> Response<Respo
         resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// The response, keeping the request's concurrency slots until its body ends.
+fn hold(resp: Response<ResponseBody>, held: Option<limit::Held>) -> Response<ResponseBody> {
+    match held {
+        None => resp,
+        Some(h) => resp.map(|b| b.hold(Box::new(h))),
+    }
 }
 
 /// A route that answers by itself (`return`), or a content route reached without its script.
@@ -356,6 +397,10 @@ impl Proxy<'_> {
                 UpstreamBody::Full((!bytes.is_empty()).then_some(bytes))
             }
         };
+        let mut upstream_body = upstream_body;
+        if let Some(m) = &self.route.mirror {
+            crate::upstream::mirror::start(m, &self.worker.pool, &parts, &mut upstream_body, real_ip);
+        }
         let req = Request::from_parts(parts, upstream_body);
         let calling = call::call(&self.worker.pool, up, req, real_ip, hash_key.as_deref(), self.route.tries, balancer);
         let result = match deadline {

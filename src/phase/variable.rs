@@ -1,6 +1,8 @@
 //! nginx-style request variables (`$http_x_user`, `$cookie_id`, `$arg_page`,
-//! `$remote_addr`, `$uri`, `$request_uri`), parsed once at compile time and
-//! evaluated against a request without copying where the value is borrowed.
+//! `$remote_addr`, `$binary_remote_addr`, `$uri`, `$request_uri`,
+//! `$grpc_service`, `$grpc_method`, and a variable scripts set, declared in
+//! `lua.variables`), parsed once at compile time and evaluated against a
+//! request without copying where the value is borrowed.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -14,8 +16,17 @@ pub enum Variable {
     Cookie(String),
     Arg(String),
     RemoteAddr,
+    /// The client address as 4 or 16 bytes (nginx's `$binary_remote_addr`).
+    BinaryRemoteAddr,
     Uri,
     RequestUri,
+    /// `pkg.Service` of a gRPC call (unset for other requests).
+    GrpcService,
+    /// `Method` of a gRPC call (unset for other requests).
+    GrpcMethod,
+    /// A variable declared in `lua.variables` (nginx's `set $NAME`): its value
+    /// lives with the request's Lua state, so [`Variable::eval`] leaves it to the caller.
+    Declared(String),
 }
 
 impl Variable {
@@ -23,7 +34,7 @@ impl Variable {
         let name = s.strip_prefix('$').ok_or_else(|| format!("variable {s:?} must start with $"))?;
         let bad = || {
             format!(
-                "unknown variable {s:?} (use $http_NAME, $cookie_NAME, $arg_NAME, $remote_addr, $uri or $request_uri)"
+                "unknown variable {s:?} (use $http_NAME, $cookie_NAME, $arg_NAME, $remote_addr, $binary_remote_addr, $uri, $request_uri, $grpc_service, $grpc_method or a name declared in lua.variables)"
             )
         };
         if let Some(h) = name.strip_prefix("http_") {
@@ -38,10 +49,21 @@ impl Variable {
         }
         match name {
             "remote_addr" => Ok(Self::RemoteAddr),
+            "binary_remote_addr" => Ok(Self::BinaryRemoteAddr),
             "uri" => Ok(Self::Uri),
             "request_uri" => Ok(Self::RequestUri),
+            "grpc_service" => Ok(Self::GrpcService),
+            "grpc_method" => Ok(Self::GrpcMethod),
             _ => Err(bad()),
         }
+    }
+
+    /// As [`parse`](Self::parse), and `$NAME` for a name `declared` in `lua.variables`.
+    pub fn parse_with(s: &str, declared: impl Fn(&str) -> bool) -> Result<Self, String> {
+        Self::parse(s).or_else(|e| match s.strip_prefix('$') {
+            Some(name) if declared(name) => Ok(Self::Declared(name.to_string())),
+            _ => Err(e),
+        })
     }
 
     /// The variable's value for this request, or None when it is not set.
@@ -86,6 +108,18 @@ impl Variable {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| Cow::Borrowed(v.as_bytes())),
             Self::RemoteAddr => Some(Cow::Owned(client.to_string().into_bytes())),
+            Self::BinaryRemoteAddr => Some(Cow::Owned(match client {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            })),
+            Self::GrpcService | Self::GrpcMethod => {
+                if !crate::protocol::grpc::is_grpc(&req.headers) {
+                    return None;
+                }
+                let (service, method) = crate::protocol::grpc::parse_path(req.uri.path())?;
+                Some(Cow::Borrowed(if *self == Self::GrpcService { service } else { method }.as_bytes()))
+            }
+            Self::Declared(_) => None,
             // The path is canonical or luagate escaped it (`protocol::uri`): decoding gives `$uri`.
             Self::Uri => Some(crate::protocol::uri::decode(req.uri.path().as_bytes())),
             Self::RequestUri => Some(Cow::Borrowed(req.uri.path_and_query().map_or("/", |pq| pq.as_str()).as_bytes())),
@@ -123,6 +157,22 @@ mod tests {
         assert_eq!(v("$remote_addr"), Some(b"10.1.2.3".to_vec()));
         assert_eq!(v("$uri"), Some(b"/a/b".to_vec()));
         assert_eq!(v("$request_uri"), Some(b"/a/b?x=1&page=7&flag".to_vec()));
+        assert_eq!(v("$binary_remote_addr"), Some(vec![10, 1, 2, 3]));
+        assert_eq!(v("$grpc_method"), None);
+        let g = parts("/echo.v1.Echo/Unary", &[("content-type", "application/grpc")]);
+        let eval = |s: &str| Variable::parse(s).unwrap().eval(&g, ip).map(|c| c.into_owned());
+        assert_eq!(eval("$grpc_service"), Some(b"echo.v1.Echo".to_vec()));
+        assert_eq!(eval("$grpc_method"), Some(b"Unary".to_vec()));
+    }
+
+    #[test]
+    fn declared_variables_need_a_declaration() {
+        assert!(Variable::parse("$limit_key").is_err());
+        let v = Variable::parse_with("$limit_key", |n| n == "limit_key").unwrap();
+        assert_eq!(v, Variable::Declared("limit_key".into()));
+        // Built-in names keep their meaning.
+        assert_eq!(Variable::parse_with("$uri", |_| true).unwrap(), Variable::Uri);
+        assert!(Variable::parse_with("$other", |n| n == "limit_key").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod balancer;
 pub mod call;
+pub mod mirror;
 pub mod pool;
 
 use std::collections::HashMap;

@@ -9,6 +9,7 @@
 
 pub mod cfn;
 pub mod json;
+pub mod limit;
 pub mod log;
 pub(crate) mod raise;
 pub mod re;
@@ -453,6 +454,7 @@ fn luagate_module(lua: &Lua) -> mlua::Result<()> {
         })?,
     )?;
     luagate.set("grpc", grpc)?;
+    limit::register(lua, &luagate)?;
     lua.globals().set("luagate", luagate.clone())?;
     let loaded: Table = lua.globals().get::<Table>("package")?.get("loaded")?;
     loaded.set("luagate", luagate)

@@ -8,6 +8,7 @@
 #
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client). Prints one line:
 #   path=/ n1=3000 n2=6000 per_request=41873
+# KEEP=DIR keeps the two callgrind outputs there (for callgrind_annotate).
 set -euo pipefail
 bin=$1; testbed=$2; path=${3:-/}; n1=${4:-3000}; n2=${5:-6000}
 tmp=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
@@ -34,7 +35,10 @@ total() {
   h2load --h1 -n "$n" -c 4 "http://127.0.0.1:$lport$path" > "$tmp/h2load.$n" 2>&1
   grep -q "succeeded, 0 failed, 0 errored" "$tmp/h2load.$n" || { cat "$tmp/h2load.$n" >&2; exit 1; }
   kill -TERM "$pid"; wait "$pid" || true
-  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }'
+  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }' > "$tmp/total.$n"
 }
-t1=$(total "$n1"); t2=$(total "$n2")
+# (not $(total …): a command substitution's subshell would run the EXIT trap)
+total "$n1"; total "$n2"
+t1=$(cat "$tmp/total.$n1"); t2=$(cat "$tmp/total.$n2")
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$tmp/cg.$n1" "$tmp/cg.$n2" "$KEEP/"; fi
 echo "path=$path n1=$n1 n2=$n2 per_request=$(( (t2 - t1) / (n2 - n1) ))"

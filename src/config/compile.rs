@@ -122,6 +122,7 @@ pub fn compile(cfg: FileConfig, source: &Path) -> Result<Snapshot, Failed> {
     Ok(Snapshot {
         generation: 0,
         source: source.to_path_buf(),
+        digest: String::new(),
         workers,
         pid_file: cfg.pid_file.as_deref().map(|p| c.path(p)),
         error_level,

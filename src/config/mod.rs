@@ -70,7 +70,7 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
             }]));
         }
     };
-    compile::compile(parsed, path).map_err(|failed| {
+    let mut compiled = compile::compile(parsed, path).map_err(|failed| {
         let locator = locate::Locator::new(&source);
         let mut out: Vec<ConfigError> = failed
             .errors
@@ -88,7 +88,15 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
         out.sort_by_key(|e| (e.line, e.column));
         out.extend(failed.lua);
         ConfigErrors(out)
-    })
+    })?;
+    compiled.digest = digest(source.as_bytes());
+    Ok(compiled)
+}
+
+/// The first 16 hex digits of the SHA-256 of `bytes`.
+pub fn digest(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// serde_yaml appends " at line L column C" to its messages; we print the

@@ -37,7 +37,11 @@ pub fn reload(path: &Path) -> Result<u64, ConfigErrors> {
             for line in &e.0 {
                 tracing::error!("reload refused: {line}");
             }
-            tracing::error!(generation = old.generation, "reload refused; the running configuration keeps serving");
+            let digest = std::fs::read(path).map(|b| super::digest(&b)).unwrap_or_default();
+            tracing::error!(
+                generation = old.generation,
+                "reload refused; the running configuration keeps serving (refused config={digest})"
+            );
             return Err(e);
         }
     };
@@ -50,10 +54,11 @@ pub fn reload(path: &Path) -> Result<u64, ConfigErrors> {
     }
     let summary = describe_changes(&old, &next);
     let generation = next.generation;
+    let digest = next.digest.clone();
     if let Some(cell) = CURRENT.get() {
         cell.store(Arc::new(next));
     }
-    tracing::info!(generation, changes = %summary, "snapshot swapped generation={generation}");
+    tracing::info!(generation, changes = %summary, "snapshot swapped generation={generation} config={digest}");
     Ok(generation)
 }
 

@@ -19,6 +19,10 @@ pub struct Snapshot {
     /// 1 for the first config, +1 for each successful reload.
     pub generation: u64,
     pub source: PathBuf,
+    /// The first 16 hex digits of the config file's SHA-256, as it was read:
+    /// logged on every swap, so an operator (or a test) can tell which file
+    /// content is live.
+    pub digest: String,
     pub workers: usize,
     pub pid_file: Option<PathBuf>,
     pub error_level: tracing::Level,

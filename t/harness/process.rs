@@ -262,32 +262,36 @@ impl Luagate {
     }
 
     /// Writes `config` (if given and not already the file's content) to the config
-    /// file, sends SIGHUP and waits for a swap (`snapshot swapped … generation=N`) or a
-    /// refusal (`reload refused`). luagate may also reload by itself when it sees the
-    /// file change, so any swap logged after the write with a generation above all
-    /// those logged before counts: it read the new file.
+    /// file, sends SIGHUP and waits for a swap (`snapshot swapped … generation=N
+    /// config=DIGEST`) or a refusal (`reload refused … (refused config=DIGEST)`) of
+    /// exactly that content. luagate may also reload by itself when it sees the file
+    /// change, so any swap logged after the write with a generation above all those
+    /// logged before counts, but only if it read the new content: a reload begun
+    /// before the write (the file watcher's, or a SIGHUP still queued from an earlier
+    /// step) logs the old content's digest and is waited past.
     pub async fn reload(&self, config: Option<&str>) -> Result<Reload, String> {
         let _serial = self.reload_lock.lock().await;
         let before = self.stderr_bytes();
         let start = before.len();
-        let baseline = max_generation(&strip_ansi(&String::from_utf8_lossy(&before))).max(self.generation());
+        let baseline = max_generation(&strip_ansi(&String::from_utf8_lossy(&before)), None).max(self.generation());
         if let Some(text) = config {
             if std::fs::read_to_string(&self.config).ok().as_deref() != Some(text) {
                 std::fs::write(&self.config, text).map_err(|e| e.to_string())?;
             }
         }
+        let content = std::fs::read(&self.config).map_err(|e| e.to_string())?;
+        let digest = config_digest(&content);
         self.signal(libc::SIGHUP)?;
         let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
         loop {
             let new = self.stderr_since(start);
-            let swapped = max_generation(&new);
+            let swapped = max_generation(&new, Some(&digest));
             if swapped > baseline {
                 self.generation.store(swapped, Ordering::SeqCst);
                 return Ok(Reload::Swapped(swapped));
             }
-            if new.contains("reload refused") {
-                // The error lines may follow the refusal line: give them a moment.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            if new.contains(&format!("(refused config={digest})")) {
+                // The error lines come before the refusal's last line: all there.
                 return Ok(Reload::Refused(self.stderr_since(start)));
             }
             if let Some(st) = self.exited() {
@@ -295,7 +299,7 @@ impl Luagate {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!(
-                    "neither `snapshot swapped … generation=N` (N > {baseline}) nor `reload refused` logged within {RELOAD_TIMEOUT:?} of SIGHUP; logged since: {:?}",
+                    "neither `snapshot swapped … generation=N config={digest}` (N > {baseline}) nor a refusal of config={digest} logged within {RELOAD_TIMEOUT:?} of SIGHUP; logged since: {:?}",
                     crate::expect::preview(new.as_bytes(), 2000)
                 ));
             }
@@ -369,14 +373,26 @@ fn listens_on(pid: i32, addr: SocketAddr) -> bool {
     })
 }
 
-/// The highest N of the `snapshot swapped … generation=N` lines of `log` (0 if none).
-fn max_generation(log: &str) -> u64 {
-    let re = regex::Regex::new(r#"generation="?(\d+)"#).unwrap_or_else(|_| unreachable!());
+/// The highest N of the `snapshot swapped … generation=N config=D` lines of `log`
+/// (0 if none); with `digest`, only of the lines with that config digest.
+fn max_generation(log: &str, digest: Option<&str>) -> u64 {
+    let re = regex::Regex::new(r#"generation="?(\d+)"?( config=([0-9a-f]+))?"#).unwrap_or_else(|_| unreachable!());
     log.lines()
         .filter(|l| l.contains("snapshot swapped"))
-        .flat_map(|l| re.captures_iter(l).filter_map(|c| c[1].parse::<u64>().ok()).collect::<Vec<_>>())
+        .flat_map(|l| {
+            re.captures_iter(l)
+                .filter(|c| digest.is_none() || c.get(3).map(|m| m.as_str()) == digest)
+                .filter_map(|c| c[1].parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
         .max()
         .unwrap_or(0)
+}
+
+/// What luagate logs as a config's digest: the first 16 hex digits of its SHA-256.
+fn config_digest(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Removes ANSI escape sequences (colours) from log text.
